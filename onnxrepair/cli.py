@@ -1,0 +1,239 @@
+"""The `onnxrepair` command line.
+
+Exit codes: 0 done (model written), 2 bad input or usage (one sentence on
+stderr, no traceback unless --debug), 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.console import Console
+from rich.logging import RichHandler
+
+from onnxrepair import __version__
+from onnxrepair.config import Encoding, Metric, RepairConfig, SolveConfig, SolverBackend
+from onnxrepair.data import (
+    ImageSet,
+    Preprocessing,
+    list_class_images,
+    load_image_folder,
+    preprocessing_for_input,
+    stratified_split,
+)
+from onnxrepair.errors import DataError, OnnxRepairError
+from onnxrepair.files import check_output_path, save_json, save_model
+from onnxrepair.graph import check_models_match, input_spec, load_model
+from onnxrepair.report import RichProgress, print_layers, print_summary, report_dict
+from onnxrepair.repair import list_layers, repair
+from onnxrepair.runtime import make_session
+
+EXIT_OK = 0
+EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130
+
+FIX_EXAMPLES = """\
+examples:
+  onnxrepair fix float.onnx quant.onnx images/ -o repaired.onnx
+  onnxrepair fix float.onnx quant.onnx images/ --val val/ --metric ochiai --neurons 20 --report report.json
+  onnxrepair fix --list-layers float.onnx quant.onnx
+
+IMAGES holds one subfolder per class (IMAGES/<class>/*.png|jpg|jpeg|bmp|webp);
+classes are the folder names in sorted order. Without --val, a stratified
+--val-fraction of IMAGES is held out for validation and never used to repair.
+
+exit codes: 0 repaired model written, 2 bad input, 130 interrupted
+"""
+
+
+@dataclass(frozen=True)
+class FixPaths:
+    """The files of one `fix` run."""
+
+    float_model: Path
+    quant_model: Path
+    images: Path | None
+    validation: Path | None
+    output: Path
+    report: Path | None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="onnxrepair",
+        description="Repair a quantized ONNX model so that it agrees with its float original again.",
+    )
+    parser.add_argument("--version", action="version", version=f"onnxrepair {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    fix = commands.add_parser(
+        "fix",
+        help="repair a QDQ model against its float original",
+        description="Find the neurons of one dense layer that cause float/quant disagreement "
+        "and correct their integer weights (QNNRepair).",
+        epilog=FIX_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    fix.add_argument("float_model", metavar="FLOAT", type=Path, help="the float ONNX model")
+    fix.add_argument("quant_model", metavar="QUANT", type=Path, help="its ONNX Runtime QDQ quantized model")
+    fix.add_argument("images", metavar="IMAGES", type=Path, nargs="?", help="folder of class subfolders of images")
+    fix.add_argument("-o", "--output", type=Path, help="repaired model (default: QUANT with .repaired.onnx)")
+    fix.add_argument("--report", type=Path, help="write a JSON report here")
+    fix.add_argument("--force", action="store_true", help="overwrite existing output files")
+    fix.add_argument("--list-layers", action="store_true", help="list the repairable layers and exit")
+    fix.add_argument("--layer", help="float-model node name of the dense layer (default: the last one)")
+    fix.add_argument(
+        "--metric", choices=[m.value for m in Metric], default=Metric.EUCLID.value, help="neuron ranking (default: euclid)"
+    )
+    fix.add_argument("--neurons", type=_positive_int, default=10, help="how many neurons to repair (default: 10)")
+    split = fix.add_mutually_exclusive_group()
+    split.add_argument("--val", type=Path, help="separate validation folder (default: hold out part of IMAGES)")
+    split.add_argument("--val-fraction", type=float, default=0.2, help="share of IMAGES held out (default: 0.2)")
+    fix.add_argument("--seed", type=int, default=0, help="seed for the split and the random metric (default: 0)")
+    fix.add_argument("--mean", type=float, nargs="+", help="per-channel mean, for models trained on normalised input")
+    fix.add_argument("--std", type=float, nargs="+", help="per-channel std, for models trained on normalised input")
+    fix.add_argument(
+        "--encoding", choices=[e.value for e in Encoding], default=Encoding.PAPER.value, help="repair encoding"
+    )
+    fix.add_argument(
+        "--margin", type=float, default=SolveConfig.margin, help="sign constraint margin (default: %(default)g)"
+    )
+    fix.add_argument(
+        "--time-limit", type=float, default=SolveConfig.time_limit, help="seconds per neuron (default: %(default)g)"
+    )
+    fix.add_argument(
+        "--solver",
+        choices=[s.value for s in SolverBackend],
+        default=SolveConfig.backend.value,
+        help="python-mip backend (default: %(default)s)",
+    )
+    fix.add_argument("--batch-size", type=_positive_int, default=256, help="images per inference run")
+    _add_output_flags(fix)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    _configure_logging(args.verbose, args.quiet)
+    console = Console(quiet=args.quiet)
+    errors = Console(stderr=True)
+    try:
+        return run_fix(args, console)
+    except OnnxRepairError as exc:
+        if args.debug:
+            raise
+        errors.print(f"[bold red]error:[/] {exc}", highlight=False)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        errors.print("interrupted; no output was written")
+        return EXIT_INTERRUPTED
+
+
+def run_fix(args: argparse.Namespace, console: Console) -> int:
+    float_model = load_model(args.float_model, "FLOAT")
+    quant_model = load_model(args.quant_model, "QUANT")
+    check_models_match(float_model, quant_model)
+    if args.list_layers:
+        print_layers(console, list_layers(float_model, quant_model))
+        return EXIT_OK
+    if args.images is None:
+        raise DataError("IMAGES is missing: give a folder of class subfolders (or use --list-layers)")
+    paths = FixPaths(
+        float_model=args.float_model,
+        quant_model=args.quant_model,
+        images=args.images,
+        validation=args.val,
+        output=args.output or args.quant_model.with_suffix(".repaired.onnx"),
+        report=args.report,
+    )
+    inputs = [paths.float_model, paths.quant_model]
+    check_output_path(paths.output, args.force, inputs, "output model")
+    if paths.report is not None:
+        check_output_path(paths.report, args.force, inputs, "report")
+        if paths.report.resolve() == paths.output.resolve():
+            raise DataError("--report and -o name the same file")
+    config = RepairConfig(
+        layer=args.layer,
+        metric=Metric(args.metric),
+        neurons=args.neurons,
+        val_fraction=args.val_fraction,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        solve=SolveConfig(
+            encoding=Encoding(args.encoding),
+            margin=args.margin,
+            time_limit=args.time_limit,
+            backend=SolverBackend(args.solver),
+        ),
+    )
+    spec = input_spec(float_model)
+    prep = preprocessing_for_input(spec.name, spec.shape, args.mean, args.std)
+    console.print(f"preprocessing: {prep.describe()}", highlight=False)
+    with RichProgress(console, enabled=not args.quiet) as progress:
+        repair_set, validation_set = load_sets(paths, prep, config, progress)
+        console.print(f"images: {len(repair_set)} for repair, {len(validation_set)} for validation", highlight=False)
+        result = repair(float_model, quant_model, repair_set, validation_set, config, progress)
+    make_session(result.model, "repaired")  # one more check that ONNX Runtime loads what is written
+    save_model(result.model, paths.output)
+    if paths.report is not None:
+        report = report_dict(
+            result,
+            config,
+            inputs={k: str(v) for k, v in vars(paths).items() if v is not None and k not in ("output", "report")},
+            preprocessing=prep.describe(),
+            output=str(paths.output),
+        )
+        save_json(report, paths.report)
+    print_summary(console, result, config)
+    console.print(f"repaired model written to [bold]{paths.output}[/]" + (f", report to {paths.report}" if paths.report else ""))
+    return EXIT_OK
+
+
+def load_sets(
+    paths: FixPaths, prep: Preprocessing, config: RepairConfig, progress: RichProgress
+) -> tuple[ImageSet, ImageSet]:
+    """The repair and validation images: a separate --val folder, or a stratified split."""
+    assert paths.images is not None
+    with progress.task("loading images", len(list_class_images(paths.images))) as advance:
+        images = load_image_folder(paths.images, prep, advance)
+    if paths.validation is None:
+        repair_idx, val_idx = stratified_split(images.labels, config.val_fraction, config.seed)
+        return images.subset(repair_idx), images.subset(val_idx)
+    with progress.task("loading --val", len(list_class_images(paths.validation))) as advance:
+        validation = load_image_folder(paths.validation, prep, advance, class_names=images.class_names)
+    return images, validation
+
+
+def _add_output_flags(parser: argparse.ArgumentParser) -> None:
+    verbosity = parser.add_mutually_exclusive_group()
+    verbosity.add_argument("-q", "--quiet", action="store_true", help="print errors only")
+    verbosity.add_argument("-v", "--verbose", action="store_true", help="print what each stage does")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+
+
+def _configure_logging(verbose: bool, quiet: bool) -> None:
+    level = logging.INFO if verbose else logging.ERROR if quiet else logging.WARNING
+    handler = RichHandler(console=Console(stderr=True), show_time=False, show_path=False)
+    logging.basicConfig(level=level, handlers=[handler], format="%(message)s", force=True)
+    logging.getLogger("mip").setLevel(logging.ERROR)  # its HiGHS library lookup warns about highspy
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def entry_point() -> None:
+    """The console script."""
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry_point()

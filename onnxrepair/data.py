@@ -1,0 +1,260 @@
+"""Image folders -> model-ready arrays, labels and a seeded stratified split.
+
+The layout is torchvision's ImageFolder: ``IMAGES/<class>/<image>``, classes in
+sorted folder-name order (folders ``0``..``9`` give labels 0..9). Preprocessing
+follows the model's input: N x C x H x W or N x H x W x C, one channel means
+greyscale, images are resized to H x W and scaled to [0, 1], then
+``(x - mean) / std`` per channel when the model was trained normalised.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from numpy.typing import NDArray
+from PIL import Image, UnidentifiedImageError
+
+from onnxrepair.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp"})
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How an image becomes one model input.
+
+    Attributes:
+        layout: "NCHW" or "NHWC".
+        channels: 1 (greyscale) or 3 (RGB).
+        height, width: the size images are resized to.
+        mean, std: per-channel normalisation applied after scaling to [0, 1].
+    """
+
+    layout: str
+    channels: int
+    height: int
+    width: int
+    mean: tuple[float, ...] = (0.0,)
+    std: tuple[float, ...] = (1.0,)
+
+    def describe(self) -> str:
+        """One line for the terminal and the report."""
+        return (
+            f"{self.layout} {self.channels}x{self.height}x{self.width}, pixels/255, "
+            f"mean={list(self.mean)}, std={list(self.std)}"
+        )
+
+
+def preprocessing_for_input(
+    input_name: str,
+    shape: Sequence[int | None],
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+) -> Preprocessing:
+    """Derive the preprocessing from a model input shape (None = dynamic dimension).
+
+    Raises:
+        DataError: when the input is not an image tensor of known size.
+    """
+    dims = list(shape)
+    if len(dims) != 4:
+        raise DataError(
+            f"model input '{input_name}' has shape {_show(dims)}; image folders need a 4-D "
+            "N x C x H x W or N x H x W x C input"
+        )
+    if dims[1] in (1, 3) and dims[3] not in (1, 3):
+        layout, channels, height, width = "NCHW", dims[1], dims[2], dims[3]
+    elif dims[3] in (1, 3):
+        layout, channels, height, width = "NHWC", dims[3], dims[1], dims[2]
+    else:
+        raise DataError(
+            f"model input '{input_name}' has shape {_show(dims)}: cannot tell which axis holds "
+            "the 1 or 3 colour channels"
+        )
+    if height is None or width is None:
+        raise DataError(
+            f"model input '{input_name}' has shape {_show(dims)}: height and width must be fixed "
+            "numbers to resize images to them"
+        )
+    assert channels is not None  # the branches above only accept 1 or 3
+    mean_t = _per_channel("--mean", mean, channels, 0.0)
+    std_t = _per_channel("--std", std, channels, 1.0)
+    if any(s == 0 for s in std_t):
+        raise DataError("--std must not contain 0")
+    return Preprocessing(layout, channels, height, width, mean_t, std_t)
+
+
+@dataclass(frozen=True)
+class ImageSet:
+    """Model-ready images with their labels.
+
+    Attributes:
+        x: float32 array in the model's layout, one row per image.
+        labels: class index per image.
+        class_names: folder name of each class index.
+        paths: source file of each image.
+        skipped: files that could not be decoded.
+    """
+
+    x: NDArray[np.float32]
+    labels: NDArray[np.int64]
+    class_names: tuple[str, ...]
+    paths: tuple[str, ...]
+    skipped: tuple[str, ...] = field(default=())
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def subset(self, indices: NDArray[np.int64]) -> ImageSet:
+        """The images at `indices`, in that order."""
+        return ImageSet(
+            x=self.x[indices],
+            labels=self.labels[indices],
+            class_names=self.class_names,
+            paths=tuple(self.paths[i] for i in indices),
+        )
+
+
+def load_image_folder(
+    folder: Path,
+    prep: Preprocessing,
+    advance: Callable[[int], None] | None = None,
+    class_names: Sequence[str] | None = None,
+) -> ImageSet:
+    """Read ``folder/<class>/*`` into an ImageSet.
+
+    Args:
+        folder: the root holding one subfolder per class.
+        prep: how each image becomes a model input.
+        advance: called with 1 after each file, for progress display.
+        class_names: the classes of a repair folder, so that a validation
+            folder maps the same names to the same labels.
+
+    Raises:
+        DataError: the folder is missing, has no class subfolders, or no image
+            in it can be read.
+    """
+    files = list_class_images(folder)
+    names = tuple(sorted({cls for cls, _ in files})) if class_names is None else tuple(class_names)
+    index = {name: i for i, name in enumerate(names)}
+    unknown = sorted({cls for cls, _ in files} - index.keys())
+    if unknown:
+        raise DataError(
+            f"{folder} has class folders {unknown} that the repair images do not have "
+            f"(known classes: {list(names)})"
+        )
+    arrays, labels, paths, skipped = [], [], [], []
+    for cls, path in files:
+        try:
+            arrays.append(load_image(path, prep))
+        except (OSError, UnidentifiedImageError, ValueError) as exc:
+            logger.warning("skipping %s: cannot decode it as an image (%s)", path, exc)
+            skipped.append(str(path))
+        else:
+            labels.append(index[cls])
+            paths.append(str(path))
+        if advance is not None:
+            advance(1)
+    if not arrays:
+        raise DataError(f"{folder}: none of its {len(files)} image files could be decoded")
+    if skipped:
+        logger.warning("%s: skipped %d file(s) that could not be decoded", folder, len(skipped))
+    return ImageSet(
+        x=np.stack(arrays).astype(np.float32),
+        labels=np.asarray(labels, dtype=np.int64),
+        class_names=names,
+        paths=tuple(paths),
+        skipped=tuple(skipped),
+    )
+
+
+def list_class_images(folder: Path) -> list[tuple[str, Path]]:
+    """(class name, file) for every image file under ``folder/<class>/``, sorted.
+
+    Raises:
+        DataError: the folder is missing or holds no image in a class subfolder.
+    """
+    if not folder.exists():
+        raise DataError(f"image folder {folder} does not exist")
+    if not folder.is_dir():
+        raise DataError(f"{folder} is not a folder; pass a folder of class subfolders")
+    files = [
+        (cls_dir.name, path)
+        for cls_dir in sorted(p for p in folder.iterdir() if p.is_dir())
+        for path in sorted(cls_dir.iterdir())
+        if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES
+    ]
+    if not files:
+        loose = [p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES]
+        hint = (
+            "; its images must sit in one subfolder per class (IMAGES/<class>/<image>)"
+            if loose
+            else f" ({', '.join(sorted(IMAGE_SUFFIXES))}) in class subfolders"
+        )
+        raise DataError(f"image folder {folder} has no images{hint}")
+    return files
+
+
+def load_image(path: Path, prep: Preprocessing) -> NDArray[np.float32]:
+    """Decode one image file into a model-layout float32 array (without the batch axis)."""
+    with Image.open(path) as img:
+        img.load()
+        converted = img.convert("L" if prep.channels == 1 else "RGB")
+    if converted.size != (prep.width, prep.height):
+        converted = converted.resize((prep.width, prep.height), Image.Resampling.BILINEAR)
+    pixels = np.asarray(converted, dtype=np.float32) / 255.0
+    hwc = pixels.reshape(prep.height, prep.width, prep.channels)
+    hwc = (hwc - np.asarray(prep.mean, np.float32)) / np.asarray(prep.std, np.float32)
+    return hwc.transpose(2, 0, 1) if prep.layout == "NCHW" else hwc
+
+
+def stratified_split(
+    labels: NDArray[np.int64], val_fraction: float, seed: int
+) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
+    """Split indices into (repair, validation), the same share of every class held out.
+
+    Every class with at least two images keeps one in each part, so neither part
+    loses a class. The same labels and seed always give the same split.
+
+    Raises:
+        DataError: the fraction is outside (0, 1) or too few images to split.
+    """
+    if not 0.0 < val_fraction < 1.0:
+        raise DataError(f"--val-fraction must be between 0 and 1, got {val_fraction}")
+    rng = np.random.default_rng(seed)
+    repair, val = [], []
+    for cls in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == cls))
+        n_val = int(round(val_fraction * len(members)))
+        if len(members) >= 2:
+            n_val = min(max(n_val, 1), len(members) - 1)
+        val.extend(members[:n_val])
+        repair.extend(members[n_val:])
+    if not repair or not val:
+        raise DataError(
+            f"{len(labels)} image(s) are too few to hold out a validation part; "
+            "add images or pass a separate --val folder"
+        )
+    return np.sort(np.asarray(repair, np.int64)), np.sort(np.asarray(val, np.int64))
+
+
+def _per_channel(
+    option: str, values: Sequence[float] | None, channels: int, default: float
+) -> tuple[float, ...]:
+    if values is None:
+        return (default,) * channels
+    if len(values) == 1:
+        return (float(values[0]),) * channels
+    if len(values) != channels:
+        raise DataError(f"{option} needs 1 or {channels} values, got {len(values)}")
+    return tuple(float(v) for v in values)
+
+
+def _show(dims: Sequence[int | None]) -> str:
+    return "[" + ", ".join("?" if d is None else str(d) for d in dims) + "]"

@@ -1,0 +1,78 @@
+"""ONNX Runtime sessions and batched inference.
+
+Sessions are built from in-memory models (tapped copies never touch the disk).
+The CUDA execution provider is used when the installed onnxruntime offers it
+(onnxruntime-gpu on a machine with a GPU), the CPU provider otherwise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from numpy.typing import NDArray
+
+from onnxrepair.errors import UnsupportedModelError
+
+
+def default_providers() -> list[str]:
+    """CUDA first when this onnxruntime build has it, CPU always as the fallback."""
+    available = ort.get_available_providers()
+    preferred = [p for p in ("CUDAExecutionProvider",) if p in available]
+    return [*preferred, "CPUExecutionProvider"]
+
+
+def make_session(
+    model: onnx.ModelProto, role: str, providers: Sequence[str] | None = None
+) -> ort.InferenceSession:
+    """An inference session with default options: what a user deploys.
+
+    Raises:
+        UnsupportedModelError: ONNX Runtime refuses the model.
+    """
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # errors only; ORT's warnings are not the user's business here
+    try:
+        return ort.InferenceSession(
+            model.SerializeToString(), sess_options=options, providers=list(providers or default_providers())
+        )
+    except Exception as exc:  # ORT raises its own Fail/InvalidGraph/... types
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UnsupportedModelError(f"ONNX Runtime cannot load the {role} model: {message}") from exc
+
+
+def run_batched(
+    session: ort.InferenceSession,
+    x: NDArray[np.float32],
+    output_names: Sequence[str],
+    batch_size: int,
+    advance: Callable[[int], None] | None = None,
+) -> dict[str, NDArray[np.float32]]:
+    """Run `x` through the session in batches and concatenate each named output.
+
+    Raises:
+        UnsupportedModelError: ONNX Runtime fails on the data (e.g. a shape mismatch).
+    """
+    input_name = session.get_inputs()[0].name
+    parts: dict[str, list[NDArray[np.float32]]] = {name: [] for name in output_names}
+    for start in range(0, len(x), batch_size):
+        batch = x[start : start + batch_size]
+        try:
+            results = session.run(list(output_names), {input_name: batch})
+        except Exception as exc:
+            message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise UnsupportedModelError(f"ONNX Runtime failed to run the model: {message}") from exc
+        for name, value in zip(output_names, results, strict=True):
+            parts[name].append(np.asarray(value).reshape(len(batch), -1))
+        if advance is not None:
+            advance(len(batch))
+    return {name: np.concatenate(chunks) for name, chunks in parts.items()}
+
+
+def output_name(model: onnx.ModelProto) -> str:
+    """The model's first output, taken as the class scores."""
+    if not model.graph.output:
+        raise UnsupportedModelError("the model has no outputs")
+    return model.graph.output[0].name
