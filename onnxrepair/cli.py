@@ -15,6 +15,7 @@ from pathlib import Path
 
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 
 from onnxrepair import __version__
 from onnxrepair.config import Encoding, Metric, RepairConfig, SolveConfig, SolverBackend
@@ -127,7 +128,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OnnxRepairError as exc:
         if args.debug:
             raise
-        errors.print(f"[bold red]error:[/] {exc}", highlight=False)
+        errors.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         errors.print("interrupted; no output was written")
@@ -190,7 +191,10 @@ def run_fix(args: argparse.Namespace, console: Console) -> int:
         )
         save_json(report, paths.report)
     print_summary(console, result, config)
-    console.print(f"repaired model written to [bold]{paths.output}[/]" + (f", report to {paths.report}" if paths.report else ""))
+    written = f"repaired model written to [bold]{escape(str(paths.output))}[/]"
+    if paths.report is not None:
+        written += f", report to {escape(str(paths.report))}"
+    console.print(written, soft_wrap=True)
     return EXIT_OK
 
 

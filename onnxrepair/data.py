@@ -23,6 +23,7 @@ from onnxrepair.errors import DataError
 logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp"})
+SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
 
 
 @dataclass(frozen=True)
@@ -205,6 +206,8 @@ def load_image(path: Path, prep: Preprocessing) -> NDArray[np.float32]:
     """Decode one image file into a model-layout float32 array (without the batch axis)."""
     with Image.open(path) as img:
         img.load()
+        if img.mode in SIXTEEN_BIT_MODES:  # convert("L") would clip every value above 255
+            img = Image.fromarray(np.round(np.asarray(img, np.float64) / 65535 * 255).astype(np.uint8), "L")
         converted = img.convert("L" if prep.channels == 1 else "RGB")
     if converted.size != (prep.width, prep.height):
         converted = converted.resize((prep.width, prep.height), Image.Resampling.BILINEAR)

@@ -44,6 +44,7 @@ def write_bytes_atomically(path: Path, data: bytes) -> None:
     """Write `data` to `path` through a temporary file in the same folder and a rename."""
     fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_current_umask())  # mkstemp makes 0600; give the usual permissions
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
@@ -64,3 +65,9 @@ def save_json(data: dict[str, Any], path: Path) -> None:
     """Write a JSON report atomically."""
     write_bytes_atomically(path, (json.dumps(data, indent=2) + "\n").encode())
 
+
+
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

@@ -300,14 +300,20 @@ def with_outputs(model: onnx.ModelProto, tensors: Iterable[str]) -> onnx.ModelPr
     """A copy of `model` that also returns `tensors` (float) as graph outputs.
 
     Tensors that are already outputs or graph inputs are left as they are:
-    ONNX forbids listing an output twice.
+    ONNX forbids listing an output twice. Each new output takes its type and
+    shape from shape inference, or [batch, features] where inference has none.
     """
     tapped = copy.deepcopy(model)
     present = {o.name for o in tapped.graph.output} | {i.name for i in tapped.graph.input}
+    inferred = {v.name: v for v in onnx.shape_inference.infer_shapes(tapped).graph.value_info}
     for name in tensors:
-        if name not in present:
-            tapped.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
-            present.add(name)
+        if name in present:
+            continue
+        info = inferred.get(name)
+        if info is None or not info.type.tensor_type.HasField("shape"):
+            info = onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, [None, None])
+        tapped.graph.output.append(info)
+        present.add(name)
     return tapped
 
 

@@ -151,7 +151,7 @@ def repair(
             problem = NeuronProblem(neuron, weights[neuron], float(bias[neuron]), inputs, activity.float_pre[:, neuron] > 0)
             solution = solve_neuron(problem, config.solve)
             if not solution.solved:
-                logger.warning("neuron %d left unchanged: %s", neuron, solution.reason)
+                logger.info("neuron %d left unchanged: %s", neuron, solution.reason)
             solutions.append(solution)
             advance(1)
     solve_seconds = time.perf_counter() - solve_started

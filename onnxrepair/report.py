@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -156,12 +157,14 @@ def print_summary(console: Console, result: RepairResult, config: RepairConfig) 
 def print_layers(console: Console, rows: list[LayerRow]) -> None:
     """The dense layers of FLOAT and whether each can be repaired."""
     table = Table(title="Dense layers of FLOAT (the last one is the default --layer)", title_justify="left")
-    for column in ("layer", "op", "in -> out", "QUANT layer", "QUANT weights", "repairable"):
-        table.add_column(column)
+    # The layer name is what --layer takes: never cut or wrapped.
+    table.add_column("layer", no_wrap=True, min_width=max((len(r.layer.name) for r in rows), default=5))
+    for column in ("op", "in -> out", "QUANT layer", "QUANT weights", "repairable"):
+        table.add_column(column, overflow="fold")
     for row in rows:
         shape = f"{row.layer.n_in} -> {row.layer.n_out}"
         if row.pair is None:
-            table.add_row(row.layer.name, row.layer.op, shape, "", "", f"[red]no[/]: {row.reason}")
+            table.add_row(row.layer.name, row.layer.op, shape, "", "", f"[red]no[/]: {escape(row.reason)}")
         else:
             quant = f"{row.pair.quant_layer.name} (by {row.pair.paired_by})"
             table.add_row(row.layer.name, row.layer.op, shape, quant, row.weights, "[green]yes[/]")

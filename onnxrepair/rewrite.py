@@ -60,10 +60,11 @@ def apply_weight_deltas(
     weight = layer.weight
     if not isinstance(weight, QuantizedTensor):
         raise UnsupportedModelError(f"the weights of layer '{layer.name}' are not quantized; nothing to rewrite")
-    users = [n.name or n.op_type for n in quant_model.graph.node if weight.quantized in n.input]
-    if users != [weight.dequantize_node]:
+    users = [n for n in quant_model.graph.node if weight.quantized in n.input]
+    if len(users) != 1 or users[0].op_type != "DequantizeLinear" or users[0].name != weight.dequantize_node:
         raise UnsupportedModelError(
-            f"weight initializer '{weight.quantized}' of layer '{layer.name}' is used by {users}; "
+            f"weight initializer '{weight.quantized}' of layer '{layer.name}' is used by "
+            f"{[n.name or n.op_type for n in users]}; "
             "patching it would change those nodes too"
         )
     repaired = copy.deepcopy(quant_model)
