@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from hypothesis import settings
 from onnx import TensorProto, helper, numpy_helper
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 from PIL import Image
@@ -104,3 +105,127 @@ def digits(tmp_path_factory: pytest.TempPathFactory) -> DigitsExample:
     write_pngs(images, x_img[rest[:600]], y[rest[:600]])
     write_pngs(validation, x_img[rest[600:]], y[rest[600:]])
     return DigitsExample(float_path, quant_path, images, validation, x_img, y)
+
+
+# ---------------------------------------------------------------------------
+# Shared helpers and further models for the per-module tests.
+# ---------------------------------------------------------------------------
+
+# Property tests draw the same examples on every run (no hidden randomness, no .hypothesis/ database).
+settings.register_profile("onnxrepair", derandomize=True, database=None, deadline=None)
+settings.load_profile("onnxrepair")
+
+
+def check_full(model: onnx.ModelProto) -> None:
+    """Every model a test produces must pass the full ONNX check (shape inference included)."""
+    onnx.checker.check_model(model, full_check=True)
+
+
+def run_model(model: onnx.ModelProto, x: np.ndarray, outputs: list[str] | None = None) -> list[np.ndarray]:
+    """Run `model` on `x` in a plain CPU ONNX Runtime session (independent of onnxrepair.runtime)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return session.run(outputs, {session.get_inputs()[0].name: x})
+
+
+def tap(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
+    """A copy of `model` that also outputs `names` (written here, not with onnxrepair.graph)."""
+    import copy
+
+    tapped = copy.deepcopy(model)
+    for name in names:
+        tapped.graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
+    return tapped
+
+
+def build_matmul_add(w: np.ndarray, b: np.ndarray, name: str = "dense") -> onnx.ModelProto:
+    """A one-layer dense model written the skl2onnx way, W stored [in, out]:
+
+        x [N,in] -> MatMul(x, W[in,out]) -> mm -> Add(mm, b[out]) -> y [N,out]
+    """
+    n_in, n_out = w.shape
+    nodes = [
+        helper.make_node("MatMul", ["x", "W"], ["mm"], name=f"{name}/MatMul"),
+        helper.make_node("Add", ["mm", "b"], ["y"], name=f"{name}/Add"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "matmul_add",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", n_in])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", n_out])],
+        [numpy_helper.from_array(w.astype(np.float32), "W"), numpy_helper.from_array(b.astype(np.float32), "b")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+    check_full(model)
+    return model
+
+
+class _NamedReader(CalibrationDataReader):
+    """Calibration batches of one image each, for a model whose input is called `name`."""
+
+    def __init__(self, name: str, x: np.ndarray) -> None:
+        self._batches = iter([{name: x[i : i + 1]} for i in range(len(x))])
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self._batches, None)
+
+
+@dataclass(frozen=True)
+class QuantVariant:
+    """A float model and one QDQ twin of it, with what the twin is supposed to be."""
+
+    float_path: Path
+    quant_path: Path
+    dtype_name: str  # "int4" or "int8"
+    per_channel: bool
+    calibration: np.ndarray  # inputs the models take
+
+
+@pytest.fixture(scope="session")
+def quant_variants(digits: DigitsExample, tmp_path_factory: pytest.TempPathFactory) -> dict[str, QuantVariant]:
+    """The digits MLP as int4 per-tensor (the fixture's), int8 per-tensor and int8 per-channel QDQ,
+    and a MatMul+Add layer as int8 per-channel QDQ (channel axis 1)."""
+    root = tmp_path_factory.mktemp("variants")
+    calibration = digits.x[:50]
+    variants = {"digits-int4": QuantVariant(digits.float_path, digits.quant_path, "int4", False, digits.x)}
+    for key, per_channel in (("digits-int8", False), ("digits-int8-per-channel", True)):
+        path = root / f"{key}.onnx"
+        quantize(
+            digits.float_path,
+            path,
+            calibration,
+            weight_type=QuantType.QInt8,
+            activation_type=QuantType.QUInt8,
+            per_channel=per_channel,
+        )
+        variants[key] = QuantVariant(digits.float_path, path, "int8", per_channel, digits.x)
+    rng = np.random.default_rng(0)
+    mm_float = root / "matmul.onnx"
+    onnx.save(build_matmul_add(rng.normal(size=(6, 4)), rng.normal(size=4)), mm_float)
+    mm_x = rng.normal(size=(40, 6)).astype(np.float32)
+    mm_quant = root / "matmul-int8-per-channel.onnx"
+    quantize_static(
+        str(mm_float),
+        str(mm_quant),
+        _NamedReader("x", mm_x[:20]),
+        quant_format=QuantFormat.QDQ,
+        weight_type=QuantType.QInt8,
+        per_channel=True,
+    )
+    variants["matmul-int8-per-channel"] = QuantVariant(mm_float, mm_quant, "int8", True, mm_x)
+    return variants
+
+
+@pytest.fixture
+def float_model(digits: DigitsExample) -> onnx.ModelProto:
+    """A fresh copy of the digits float model (tests may modify it)."""
+    return onnx.load(str(digits.float_path))
+
+
+@pytest.fixture
+def quant_model(digits: DigitsExample) -> onnx.ModelProto:
+    """A fresh copy of the digits 4-bit QDQ model (tests may modify it)."""
+    return onnx.load(str(digits.quant_path))

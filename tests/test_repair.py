@@ -1,0 +1,117 @@
+"""repair.py: the library pipeline on the digits models (no files, no console)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import onnx
+import pytest
+from conftest import DigitsExample, check_full
+
+from onnxrepair.config import Metric, RepairConfig, SolveConfig
+from onnxrepair.data import ImageSet
+from onnxrepair.errors import ModelPairingError
+from onnxrepair.graph import dense_parameters, initializers, pair_layer
+from onnxrepair.localize import rank_neurons
+from onnxrepair.repair import NoProgress, list_layers, read_layer_activity, repair
+from onnxrepair.report import report_dict
+from onnxrepair.spectrum import activation_flips
+
+
+def image_set(x: np.ndarray, y: np.ndarray) -> ImageSet:
+    names = tuple(str(i) for i in range(10))
+    return ImageSet(x=x, labels=y, class_names=names, paths=tuple(f"{i}.png" for i in range(len(x))))
+
+
+@pytest.fixture(scope="module")
+def sets(digits: DigitsExample) -> tuple[ImageSet, ImageSet]:
+    order = np.random.default_rng(0).permutation(len(digits.x))
+    repair_idx, val_idx = order[:500], order[500:800]
+    return image_set(digits.x[repair_idx], digits.y[repair_idx]), image_set(digits.x[val_idx], digits.y[val_idx])
+
+
+@pytest.mark.parametrize(("layer", "metric", "neurons"), [(None, Metric.EUCLID, 4), ("/fc1/Gemm", Metric.OCHIAI, 30)])
+def test_repair_result_is_consistent(
+    digits: DigitsExample, sets: tuple[ImageSet, ImageSet], layer: str | None, metric: Metric, neurons: int
+) -> None:
+    float_model = onnx.load(str(digits.float_path))
+    quant_model = onnx.load(str(digits.quant_path))
+    quant_bytes = quant_model.SerializeToString()
+    repair_set, val_set = sets
+    config = RepairConfig(layer=layer, metric=metric, neurons=neurons)
+    result = repair(float_model, quant_model, repair_set, val_set, config)
+
+    assert quant_model.SerializeToString() == quant_bytes
+    check_full(result.model)
+    n_out = result.pair.quant_layer.n_out
+    assert len(result.selected) == min(neurons, n_out)  # asking for more neurons than exist takes them all
+    assert result.selected == rank_neurons(result.scores)[: len(result.selected)].tolist()
+    assert [s.neuron for s in result.solutions] == result.selected
+    assert sorted(result.repaired_neurons + result.unsolved) == sorted(result.selected)
+    assert result.spectrum.n_failing + result.spectrum.n_passing == len(repair_set) == result.repair_size
+    assert result.evaluation.size == len(val_set)
+    assert set(result.rewrite.changed) == set(result.repaired_neurons)
+    for solution in result.solutions:
+        assert solution.solved == (solution.weight_delta is not None)
+        assert solution.solved or solution.reason
+
+    # Integer weights of unselected neurons are untouched; every changed row belongs to a repaired neuron.
+    w_before, b_before = dense_parameters(quant_model, result.pair.quant_layer)
+    w_after, b_after = dense_parameters(result.model, result.pair.quant_layer)
+    changed_rows = set(np.flatnonzero(np.any(w_before != w_after, axis=1)).tolist())
+    assert changed_rows <= set(result.repaired_neurons)
+    assert sum(result.rewrite.changed.values()) == int(np.count_nonzero(w_before != w_after))
+    np.testing.assert_array_equal(b_before, b_after)
+
+    report = report_dict(result, config, inputs={}, preprocessing="test", output=None)
+    assert report["neurons"] == result.repaired_neurons and report["unsolved"] == result.unsolved
+    json.dumps(report, allow_nan=False)
+
+
+def test_nothing_to_fix_changes_nothing(digits: DigitsExample) -> None:
+    # Keep only repair inputs on which every fc2 neuron already has the float model's sign in QUANT,
+    # by more than the margin: each LP is solved by delta = 0, and the model comes back unchanged.
+    float_model = onnx.load(str(digits.float_path))
+    quant_model = onnx.load(str(digits.quant_path))
+    pair = pair_layer(float_model, quant_model, None)
+    activity = read_layer_activity(float_model, quant_model, pair, digits.x, 256, NoProgress())
+    w, b = dense_parameters(quant_model, pair.quant_layer)
+    lp_pre = activity.quant_inputs.astype(np.float64) @ w.T + b  # what the LP sees
+    margin = SolveConfig().margin
+    agree = ~activation_flips(activity.float_pre, lp_pre).any(axis=1) & (np.abs(lp_pre).min(axis=1) > 2 * margin)
+    assert agree.sum() > 100
+    chosen = np.flatnonzero(agree)[:200]
+    clean = image_set(digits.x[chosen], digits.y[chosen])
+    result = repair(float_model, quant_model, clean, clean, RepairConfig(neurons=10))
+    assert result.spectrum.af.sum() + result.spectrum.as_.sum() == 0
+    assert all(s.solved and s.objective == pytest.approx(0.0, abs=1e-9) for s in result.solutions)
+    assert all(v == 0 for v in result.rewrite.changed.values())
+    assert initializers(result.model) == initializers(quant_model)
+    assert result.evaluation.fixed == result.evaluation.broken == 0
+
+
+def test_unknown_layer_raises(digits: DigitsExample, sets: tuple[ImageSet, ImageSet]) -> None:
+    with pytest.raises(ModelPairingError, match="nope"):
+        repair(
+            onnx.load(str(digits.float_path)), onnx.load(str(digits.quant_path)), *sets, RepairConfig(layer="nope")
+        )
+
+
+def test_list_layers(digits: DigitsExample) -> None:
+    rows = list_layers(onnx.load(str(digits.float_path)), onnx.load(str(digits.quant_path)))
+    assert [row.layer.name for row in rows] == ["/fc1/Gemm", "/fc2/Gemm"]
+    assert all(row.pair is not None and row.reason == "" and row.weights == "int4 per-tensor" for row in rows)
+
+
+def test_report_has_no_infinity(digits: DigitsExample, sets: tuple[ImageSet, ImageSet]) -> None:
+    # DStar scores +inf for some neurons; JSON has no infinity, so the report writes null.
+    config = RepairConfig(neurons=2)
+    result = repair(onnx.load(str(digits.float_path)), onnx.load(str(digits.quant_path)), *sets, config)
+    scores = result.scores.copy()
+    scores[result.selected[0]] = np.inf
+    report = report_dict(dataclasses.replace(result, scores=scores), config, inputs={}, preprocessing="", output=None)
+    assert report["per_neuron"][0]["score"] is None
+    assert report["per_neuron"][1]["score"] == pytest.approx(scores[result.selected[1]])
+    json.dumps(report, allow_nan=False)

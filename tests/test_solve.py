@@ -1,0 +1,214 @@
+"""solve.py: the paper's LP, hand-solvable cases, infeasibility, and HiGHS against CBC."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from onnxrepair.config import SolveConfig, SolverBackend
+from onnxrepair.solve import (
+    LinearProgram,
+    NeuronProblem,
+    SolveStatus,
+    max_violation,
+    paper_program,
+    solve_neuron,
+    solve_program,
+)
+
+BACKENDS = list(SolverBackend)
+
+
+def config(backend: SolverBackend, margin: float = 1e-3) -> SolveConfig:
+    return SolveConfig(margin=margin, time_limit=30.0, backend=backend)
+
+
+def random_problem(rng: np.random.Generator, n: int, m: int) -> NeuronProblem:
+    """A feasible instance: the float signs come from a hidden weight vector w*, the quantized
+    weights are w* plus noise, so the LP has to move the weights back towards w*."""
+    x = rng.normal(size=(n, m))
+    w_star = rng.normal(size=m)
+    b = float(rng.normal())
+    float_pre = x @ w_star + b
+    keep = np.abs(float_pre) > 0.1  # a margin the hidden solution satisfies
+    w_quant = w_star + rng.normal(scale=0.3, size=m)
+    neuron = int(rng.integers(0, 10))
+    return NeuronProblem(neuron, weights=w_quant, bias=b, inputs=x[keep], float_on=float_pre[keep] > 0)
+
+
+def independent_check(problem: NeuronProblem, delta: np.ndarray, margin: float, tol: float = 1e-6) -> None:
+    """The repaired neuron has the float model's sign on every input, by the margin (numpy only)."""
+    pre = problem.inputs @ (problem.weights + delta) + problem.bias
+    sign = np.where(problem.float_on, 1.0, -1.0)
+    assert np.all(sign * pre >= margin - tol), np.min(sign * pre)
+    assert np.all((pre > 0) == problem.float_on)
+
+
+def test_paper_program_shapes_and_rows() -> None:
+    # One neuron, m = 2 weights, n = 3 inputs: z = (delta_1, delta_2, M).
+    problem = NeuronProblem(
+        neuron=0,
+        weights=np.array([1.0, -2.0]),
+        bias=0.5,
+        inputs=np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]),
+        float_on=np.array([True, False, True]),
+    )
+    lp = paper_program(problem, margin=0.1)
+    assert lp.c.tolist() == [0.0, 0.0, 1.0]
+    assert lp.a.shape == (3 + 2 * 2, 3)
+    # sign rows: -s_k x_k . delta <= s_k (x_k . w + b) - margin
+    #   k=0, s=+1: x.w+b = 1.5  -> [-1, 0, 0] <=  1.5 - 0.1 =  1.4
+    #   k=1, s=-1: x.w+b = -1.5 -> [ 0, 1, 0] <=  1.5 - 0.1 =  1.4
+    #   k=2, s=+1: x.w+b = -0.5 -> [-1,-1, 0] <= -0.5 - 0.1 = -0.6
+    np.testing.assert_allclose(lp.a[:3], [[-1, 0, 0], [0, 1, 0], [-1, -1, 0]])
+    np.testing.assert_allclose(lp.rhs[:3], [1.4, 1.4, -0.6])
+    # bound rows: delta_i - M <= 0 and -delta_i - M <= 0
+    np.testing.assert_allclose(lp.a[3:], [[1, 0, -1], [0, 1, -1], [-1, 0, -1], [0, -1, -1]])
+    np.testing.assert_array_equal(lp.rhs[3:], 0.0)
+    assert np.all(np.isneginf(lp.lower[:2])) and lp.lower[2] == 0.0
+    assert np.all(np.isposinf(lp.upper))
+
+
+def test_max_violation() -> None:
+    lp = LinearProgram(
+        c=np.array([1.0]),
+        a=np.array([[1.0], [-1.0]]),  # z <= 2 and -z <= 0
+        rhs=np.array([2.0, 0.0]),
+        lower=np.array([-1.0]),
+        upper=np.array([5.0]),
+    )
+    assert max_violation(lp, np.array([1.0])) == 0.0
+    assert max_violation(lp, np.array([2.5])) == pytest.approx(0.5)  # row 0: 2.5 <= 2
+    assert max_violation(lp, np.array([-0.25])) == pytest.approx(0.25)  # row 1: 0.25 <= 0
+    assert max_violation(lp, np.array([-3.0])) == pytest.approx(3.0)  # row 1 by 3, lower bound by 2
+    assert max_violation(lp, np.array([7.0])) == pytest.approx(5.0)  # row 0 by 5, upper bound by 2
+
+
+@pytest.mark.parametrize("backend", BACKENDS, ids=lambda b: b.value)
+def test_solve_program_hand_case(backend: SolverBackend) -> None:
+    # minimise z1 + 2 z2 subject to z1 + z2 >= 3 (written -z1 - z2 <= -3), 0 <= z1 <= 2, z2 >= 0:
+    # z1 is cheaper, so z1 = 2 and z2 = 1; objective 2 + 2 = 4.
+    lp = LinearProgram(
+        c=np.array([1.0, 2.0]),
+        a=np.array([[-1.0, -1.0]]),
+        rhs=np.array([-3.0]),
+        lower=np.array([0.0, 0.0]),
+        upper=np.array([2.0, np.inf]),
+    )
+    status, z, objective = solve_program(lp, backend, 10.0)
+    assert status is SolveStatus.OPTIMAL
+    np.testing.assert_allclose(z, [2.0, 1.0], atol=1e-7)
+    assert objective == pytest.approx(4.0, abs=1e-7)
+
+
+@pytest.mark.parametrize("backend", BACKENDS, ids=lambda b: b.value)
+def test_one_weight_hand_case(backend: SolverBackend) -> None:
+    # w = 1, b = 0, one input x = 1 where the float neuron is off (s = -1).
+    # Constraint: -(1 * (1 + d) + 0) >= margin  ->  d <= -1 - margin.  Minimise |d|: d = -(1 + margin).
+    margin = 0.25
+    problem = NeuronProblem(0, np.array([1.0]), 0.0, np.array([[1.0]]), np.array([False]))
+    solution = solve_neuron(problem, config(backend, margin))
+    assert solution.status is SolveStatus.OPTIMAL and solution.solved
+    np.testing.assert_allclose(solution.weight_delta, [-1.25], atol=1e-7)
+    assert solution.objective == pytest.approx(1.25, abs=1e-7)
+    assert solution.reason == ""
+    assert solution.constraints == 1 + 2 * 1
+
+
+@pytest.mark.parametrize("backend", BACKENDS, ids=lambda b: b.value)
+def test_two_weight_hand_case(backend: SolverBackend) -> None:
+    # w = (1, 1), b = 0.5, inputs x0 = (1, 1) with float off, x1 = (1, -1) with float on.
+    #   x0: -(2.5 + d1 + d2) >= m  ->  d1 + d2 <= -2.5 - m
+    #   x1:  0.5 + d1 - d2   >= m  ->  d1 - d2 >= m - 0.5
+    # With |d_i| <= M, d1 + d2 >= -2M, so M >= (2.5 + m) / 2. Choosing d1 = d2 = -(2.5 + m) / 2
+    # meets x0 exactly and x1 with d1 - d2 = 0 >= m - 0.5 (for m <= 0.5), so the optimum is
+    # M* = (2.5 + m) / 2, and x0's row forces d1 = d2 = -M* (any other pair has max |d_i| > M*).
+    margin = 0.1
+    problem = NeuronProblem(3, np.array([1.0, 1.0]), 0.5, np.array([[1.0, 1.0], [1.0, -1.0]]), np.array([False, True]))
+    solution = solve_neuron(problem, config(backend, margin))
+    assert solution.status is SolveStatus.OPTIMAL
+    assert solution.neuron == 3
+    assert solution.objective == pytest.approx(1.3, abs=1e-7)
+    np.testing.assert_allclose(solution.weight_delta, [-1.3, -1.3], atol=1e-6)
+    independent_check(problem, solution.weight_delta, margin)
+
+
+@pytest.mark.parametrize("backend", BACKENDS, ids=lambda b: b.value)
+def test_already_correct_needs_no_change(backend: SolverBackend) -> None:
+    # Every input is on the right side by more than the margin: nothing to fix -> nothing changes.
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(30, 5))
+    w = rng.normal(size=5)
+    pre = x @ w + 0.2
+    keep = np.abs(pre) > 0.05
+    problem = NeuronProblem(0, w, 0.2, x[keep], pre[keep] > 0)
+    solution = solve_neuron(problem, config(backend, margin=0.01))
+    assert solution.status is SolveStatus.OPTIMAL
+    assert solution.objective == pytest.approx(0.0, abs=1e-9)
+    np.testing.assert_allclose(solution.weight_delta, 0.0, atol=1e-9)
+
+
+@pytest.mark.parametrize("backend", BACKENDS, ids=lambda b: b.value)
+def test_infeasible_case(backend: SolverBackend) -> None:
+    # The same input must be on and off at once: no weights can do that.
+    problem = NeuronProblem(5, np.array([1.0, 0.5]), 0.0, np.array([[1.0, 2.0], [1.0, 2.0]]), np.array([True, False]))
+    solution = solve_neuron(problem, config(backend))
+    assert solution.status is SolveStatus.INFEASIBLE
+    assert solution.weight_delta is None and not solution.solved
+    assert solution.objective is None
+    assert solution.reason.strip()
+    assert solution.neuron == 5
+
+
+@pytest.mark.parametrize("backend", BACKENDS, ids=lambda b: b.value)
+def test_zero_input_with_wrong_bias_sign_is_infeasible(backend: SolverBackend) -> None:
+    # x = 0 makes the pre-activation equal to the bias, which the paper encoding does not change:
+    # b = -1 is off, the float neuron is on -> infeasible, not a crash on an all-zero row.
+    problem = NeuronProblem(0, np.array([1.0, 2.0]), -1.0, np.array([[0.0, 0.0], [1.0, 1.0]]), np.array([True, True]))
+    solution = solve_neuron(problem, config(backend))
+    assert solution.status is SolveStatus.INFEASIBLE and solution.reason
+
+
+@pytest.mark.parametrize("backend", BACKENDS, ids=lambda b: b.value)
+@pytest.mark.parametrize("seed", range(4))
+def test_solution_satisfies_every_constraint(backend: SolverBackend, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    problem = random_problem(rng, n=40, m=6)
+    margin = 0.05
+    solution = solve_neuron(problem, config(backend, margin))
+    assert solution.status is SolveStatus.OPTIMAL
+    delta = solution.weight_delta
+    assert delta is not None and delta.shape == (6,)
+    z = np.append(delta, solution.objective)
+    assert max_violation(paper_program(problem, margin), z) <= 1e-6
+    independent_check(problem, delta, margin)
+    # The objective is M, and at the optimum M = max |delta_i|.
+    assert solution.objective == pytest.approx(np.max(np.abs(delta)), abs=1e-6)
+    # The random instance really needed a change.
+    assert solution.objective > 1e-3
+    assert solution.constraints == len(problem.inputs) + 2 * 6
+    assert solution.seconds >= 0.0
+
+
+def test_optimum_is_minimal() -> None:
+    # Shrinking the solution towards zero must break a constraint: the optimum is not slack.
+    rng = np.random.default_rng(1)
+    problem = random_problem(rng, n=40, m=6)
+    margin = 0.05
+    solution = solve_neuron(problem, config(SolverBackend.HIGHS, margin))
+    assert solution.weight_delta is not None
+    shrunk = solution.weight_delta * 0.99
+    pre = problem.inputs @ (problem.weights + shrunk) + problem.bias
+    sign = np.where(problem.float_on, 1.0, -1.0)
+    # Any delta with max|delta| < M* violates some row; a scaled copy of the optimum is one such delta.
+    assert np.min(sign * pre) < margin - 1e-9
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_highs_and_cbc_agree(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    problem = random_problem(rng, n=int(rng.integers(10, 60)), m=int(rng.integers(2, 12)))
+    highs = solve_neuron(problem, config(SolverBackend.HIGHS, 0.02))
+    cbc = solve_neuron(problem, config(SolverBackend.CBC, 0.02))
+    assert highs.status is cbc.status is SolveStatus.OPTIMAL
+    assert highs.objective == pytest.approx(cbc.objective, rel=1e-6, abs=1e-8)
