@@ -144,9 +144,12 @@ def print_summary(console: Console, result: RepairResult, config: RepairConfig) 
             "to the integer weights erased it[/] (largest: "
             f"{max(result.rewrite.largest_step.values(), default=0.0):.2f} steps)"
         )
+    unsolved_by_reason: dict[str, list[int]] = {}
     for solution in result.solutions:
         if not solution.solved:
-            console.print(f"  [yellow]neuron {solution.neuron} unchanged[/]: {solution.reason}")
+            unsolved_by_reason.setdefault(solution.reason, []).append(solution.neuron)
+    for reason, neurons in unsolved_by_reason.items():
+        console.print(f"  [yellow]{len(neurons)} neuron(s) left unchanged {neurons}[/]: {escape(reason)}")
     t = result.timings
     console.print(
         f"time: {t.total:.1f} s (inference {t.inference:.1f} s, solving {t.solve:.1f} s, "
