@@ -9,9 +9,10 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from rich.console import Console
 from rich.logging import RichHandler
@@ -29,10 +30,12 @@ from onnxrepair.data import (
 )
 from onnxrepair.errors import DataError, OnnxRepairError
 from onnxrepair.files import check_output_path, save_json, save_model
-from onnxrepair.graph import check_models_match, input_spec, load_model
-from onnxrepair.report import RichProgress, print_layers, print_summary, report_dict
+from onnxrepair.graph import check_models_match, input_spec, load_model, pair_layer
 from onnxrepair.repair import list_layers, repair
+from onnxrepair.report import RichProgress, print_layers, print_summary, report_dict
 from onnxrepair.runtime import make_session
+
+_N = TypeVar("_N", int, float)
 
 EXIT_OK = 0
 EXIT_BAD_INPUT = 2
@@ -88,12 +91,15 @@ def build_parser() -> argparse.ArgumentParser:
     fix.add_argument("--list-layers", action="store_true", help="list the repairable layers and exit")
     fix.add_argument("--layer", help="float-model node name of the dense layer (default: the last one)")
     fix.add_argument(
-        "--metric", choices=[m.value for m in Metric], default=Metric.EUCLID.value, help="neuron ranking (default: euclid)"
+        "--metric",
+        choices=[m.value for m in Metric],
+        default=Metric.EUCLID.value,
+        help="neuron ranking (default: euclid)",
     )
     fix.add_argument("--neurons", type=_positive_int, default=10, help="how many neurons to repair (default: 10)")
     split = fix.add_mutually_exclusive_group()
     split.add_argument("--val", type=Path, help="separate validation folder (default: hold out part of IMAGES)")
-    split.add_argument("--val-fraction", type=float, default=0.2, help="share of IMAGES held out (default: 0.2)")
+    split.add_argument("--val-fraction", type=_fraction, default=0.2, help="share of IMAGES held out (default: 0.2)")
     fix.add_argument("--seed", type=int, default=0, help="seed for the split and the random metric (default: 0)")
     fix.add_argument("--mean", type=float, nargs="+", help="per-channel mean, for models trained on normalised input")
     fix.add_argument("--std", type=float, nargs="+", help="per-channel std, for models trained on normalised input")
@@ -101,10 +107,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--encoding", choices=[e.value for e in Encoding], default=Encoding.PAPER.value, help="repair encoding"
     )
     fix.add_argument(
-        "--margin", type=float, default=SolveConfig.margin, help="sign constraint margin (default: %(default)g)"
+        "--margin",
+        type=_non_negative_float,
+        default=SolveConfig.margin,
+        help="sign constraint margin (default: %(default)g)",
     )
     fix.add_argument(
-        "--time-limit", type=float, default=SolveConfig.time_limit, help="seconds per neuron (default: %(default)g)"
+        "--time-limit",
+        type=_positive_float,
+        default=SolveConfig.time_limit,
+        help="seconds per neuron (default: %(default)g)",
     )
     fix.add_argument(
         "--solver",
@@ -142,6 +154,7 @@ def run_fix(args: argparse.Namespace, console: Console) -> int:
     if args.list_layers:
         print_layers(console, list_layers(float_model, quant_model))
         return EXIT_OK
+    pair_layer(float_model, quant_model, args.layer)  # a wrong --layer fails now, not after loading images
     if args.images is None:
         raise DataError("IMAGES is missing: give a folder of class subfolders (or use --list-layers)")
     paths = FixPaths(
@@ -228,10 +241,38 @@ def _configure_logging(verbose: bool, quiet: bool) -> None:
 
 
 def _positive_int(text: str) -> int:
-    value = int(text)
+    value = _number(text, int)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
+
+
+def _positive_float(text: str) -> float:
+    value = _number(text, float)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be greater than 0, got {text}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = _number(text, float)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = _number(text, float)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1 (exclusive), got {text}")
+    return value
+
+
+def _number(text: str, kind: Callable[[str], _N]) -> _N:
+    try:
+        return kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
 
 
 def entry_point() -> None:

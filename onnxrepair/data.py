@@ -147,8 +147,7 @@ def load_image_folder(
     unknown = sorted({cls for cls, _ in files} - index.keys())
     if unknown:
         raise DataError(
-            f"{folder} has class folders {unknown} that the repair images do not have "
-            f"(known classes: {list(names)})"
+            f"{folder} has class folders {unknown} that the repair images do not have (known classes: {list(names)})"
         )
     arrays, labels, paths, skipped = [], [], [], []
     for cls, path in files:
@@ -206,15 +205,16 @@ def load_image(path: Path, prep: Preprocessing) -> NDArray[np.float32]:
     """Decode one image file into a model-layout float32 array (without the batch axis)."""
     with Image.open(path) as img:
         img.load()
+        source: Image.Image = img
         if img.mode in SIXTEEN_BIT_MODES:  # convert("L") would clip every value above 255
-            img = Image.fromarray(np.round(np.asarray(img, np.float64) / 65535 * 255).astype(np.uint8), "L")
-        converted = img.convert("L" if prep.channels == 1 else "RGB")
+            source = Image.fromarray(np.round(np.asarray(img, np.float64) / 65535 * 255).astype(np.uint8), "L")
+        converted = source.convert("L" if prep.channels == 1 else "RGB")
     if converted.size != (prep.width, prep.height):
         converted = converted.resize((prep.width, prep.height), Image.Resampling.BILINEAR)
     pixels = np.asarray(converted, dtype=np.float32) / 255.0
     hwc = pixels.reshape(prep.height, prep.width, prep.channels)
-    hwc = (hwc - np.asarray(prep.mean, np.float32)) / np.asarray(prep.std, np.float32)
-    return hwc.transpose(2, 0, 1) if prep.layout == "NCHW" else hwc
+    normalised = ((hwc - np.asarray(prep.mean, np.float32)) / np.asarray(prep.std, np.float32)).astype(np.float32)
+    return normalised.transpose(2, 0, 1) if prep.layout == "NCHW" else normalised
 
 
 def stratified_split(
@@ -231,7 +231,8 @@ def stratified_split(
     if not 0.0 < val_fraction < 1.0:
         raise DataError(f"--val-fraction must be between 0 and 1, got {val_fraction}")
     rng = np.random.default_rng(seed)
-    repair, val = [], []
+    repair: list[int] = []
+    val: list[int] = []
     for cls in np.unique(labels):
         members = rng.permutation(np.flatnonzero(labels == cls))
         n_val = int(round(val_fraction * len(members)))
@@ -247,9 +248,7 @@ def stratified_split(
     return np.sort(np.asarray(repair, np.int64)), np.sort(np.asarray(val, np.int64))
 
 
-def _per_channel(
-    option: str, values: Sequence[float] | None, channels: int, default: float
-) -> tuple[float, ...]:
+def _per_channel(option: str, values: Sequence[float] | None, channels: int, default: float) -> tuple[float, ...]:
     if values is None:
         return (default,) * channels
     if len(values) == 1:

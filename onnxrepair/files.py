@@ -66,7 +66,6 @@ def save_json(data: dict[str, Any], path: Path) -> None:
     write_bytes_atomically(path, (json.dumps(data, indent=2) + "\n").encode())
 
 
-
 def _current_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

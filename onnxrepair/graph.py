@@ -132,9 +132,7 @@ def load_model(path: Path, role: str) -> onnx.ModelProto:
     try:
         model = onnx.load(str(path))
     except Exception as exc:  # protobuf raises DecodeError, RuntimeWarning, ValueError...
-        raise ModelLoadError(
-            f"{role} model {path} is not a readable ONNX file ({type(exc).__name__})"
-        ) from exc
+        raise ModelLoadError(f"{role} model {path} is not a readable ONNX file ({type(exc).__name__})") from exc
     if not model.graph.node:
         raise ModelLoadError(f"{role} model {path} is not an ONNX model (its graph has no nodes)")
     try:
@@ -195,9 +193,7 @@ def find_dense_layers(model: onnx.ModelProto) -> list[DenseLayer]:
     return layers
 
 
-def pair_layer(
-    float_model: onnx.ModelProto, quant_model: onnx.ModelProto, name: str | None
-) -> LayerPair:
+def pair_layer(float_model: onnx.ModelProto, quant_model: onnx.ModelProto, name: str | None) -> LayerPair:
     """Find the float layer called `name` (default: the last dense layer) and its QDQ twin.
 
     Pairs by node name first; when the quantizer renamed nodes, by position among
@@ -210,9 +206,7 @@ def pair_layer(
     float_layers = find_dense_layers(float_model)
     quant_layers = find_dense_layers(quant_model)
     if not float_layers:
-        raise UnsupportedModelError(
-            "FLOAT has no dense layer (Gemm, or MatMul followed by Add, with constant weights)"
-        )
+        raise UnsupportedModelError("FLOAT has no dense layer (Gemm, or MatMul followed by Add, with constant weights)")
     if name is None:
         position = len(float_layers) - 1
     else:
@@ -244,9 +238,7 @@ def pair_layer(
     return LayerPair(float_layer, quant_layer, paired_by)
 
 
-def dense_parameters(
-    model: onnx.ModelProto, layer: DenseLayer
-) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+def dense_parameters(model: onnx.ModelProto, layer: DenseLayer) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
     """The layer's effective (dequantized) W as [out, in] and b as [out]."""
     inits = initializers(model)
     weight = parameter_value(inits, layer.weight)
@@ -265,9 +257,7 @@ def parameter_value(inits: dict[str, onnx.TensorProto], param: Parameter) -> NDA
     q = numpy_helper.to_array(inits[param.quantized]).astype(np.float64)
     scale = numpy_helper.to_array(inits[param.scale]).astype(np.float64)
     zero = (
-        numpy_helper.to_array(inits[param.zero_point]).astype(np.float64)
-        if param.zero_point
-        else np.zeros_like(scale)
+        numpy_helper.to_array(inits[param.zero_point]).astype(np.float64) if param.zero_point else np.zeros_like(scale)
     )
     return (q - channel_view(zero, q.ndim, param.axis)) * channel_view(scale, q.ndim, param.axis)
 

@@ -12,7 +12,7 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import ContextManager, Protocol
+from typing import Protocol
 
 import numpy as np
 import onnx
@@ -45,7 +45,7 @@ logger = logging.getLogger(__name__)
 class Progress(Protocol):
     """Where long-running steps report progress: `task` yields an `advance(n)` callable."""
 
-    def task(self, description: str, total: int) -> ContextManager[Callable[[int], None]]: ...
+    def task(self, description: str, total: int) -> contextlib.AbstractContextManager[Callable[[int], None]]: ...
 
 
 class NoProgress:
@@ -148,7 +148,9 @@ def repair(
     solutions = []
     with progress.task("solving", len(selected)) as advance:
         for neuron in selected:
-            problem = NeuronProblem(neuron, weights[neuron], float(bias[neuron]), inputs, activity.float_pre[:, neuron] > 0)
+            problem = NeuronProblem(
+                neuron, weights[neuron], float(bias[neuron]), inputs, activity.float_pre[:, neuron] > 0
+            )
             solution = solve_neuron(problem, config.solve)
             if not solution.solved:
                 logger.info("neuron %d left unchanged: %s", neuron, solution.reason)
@@ -229,7 +231,8 @@ def evaluate_models(
             name = output_name(model)
             session = make_session(model, role)
             scores.append(run_batched(session, images.x, [name], batch_size, advance)[name])
-    return evaluate_scores(*scores, labels=images.labels)
+    float_scores, quant_scores, repaired_scores = scores
+    return evaluate_scores(float_scores, quant_scores, repaired_scores, images.labels)
 
 
 @dataclass(frozen=True)

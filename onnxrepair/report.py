@@ -39,9 +39,7 @@ class RichProgress:
         self._bars.__enter__()
         return self
 
-    def __exit__(
-        self, kind: type[BaseException] | None, value: BaseException | None, tb: TracebackType | None
-    ) -> None:
+    def __exit__(self, kind: type[BaseException] | None, value: BaseException | None, tb: TracebackType | None) -> None:
         self._bars.__exit__(kind, value, tb)
 
     @contextlib.contextmanager
@@ -127,7 +125,9 @@ def print_summary(console: Console, result: RepairResult, config: RepairConfig) 
             _pct(ev.quant_accuracy),
             _compared(ev.repaired_accuracy, ev.quant_accuracy),
         )
-    table.add_row("agreement with float", "", _pct(ev.quant_agreement), _compared(ev.repaired_agreement, ev.quant_agreement))
+    table.add_row(
+        "agreement with float", "", _pct(ev.quant_agreement), _compared(ev.repaired_agreement, ev.quant_agreement)
+    )
     table.add_row("disagreements fixed / broken", "", "", f"{ev.fixed} / {ev.broken}")
     console.print(table)
     changed = sum(result.rewrite.changed.values())

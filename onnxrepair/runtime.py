@@ -24,9 +24,7 @@ def default_providers() -> list[str]:
     return [*preferred, "CPUExecutionProvider"]
 
 
-def make_session(
-    model: onnx.ModelProto, role: str, providers: Sequence[str] | None = None
-) -> ort.InferenceSession:
+def make_session(model: onnx.ModelProto, role: str, providers: Sequence[str] | None = None) -> ort.InferenceSession:
     """An inference session with default options: what a user deploys.
 
     Raises:

@@ -144,7 +144,7 @@ def tap(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
 def build_matmul_add(w: np.ndarray, b: np.ndarray, name: str = "dense") -> onnx.ModelProto:
     """A one-layer dense model written the skl2onnx way, W stored [in, out]:
 
-        x [N,in] -> MatMul(x, W[in,out]) -> mm -> Add(mm, b[out]) -> y [N,out]
+    x [N,in] -> MatMul(x, W[in,out]) -> mm -> Add(mm, b[out]) -> y [N,out]
     """
     n_in, n_out = w.shape
     nodes = [

@@ -94,9 +94,7 @@ def test_nothing_to_fix_changes_nothing(digits: DigitsExample) -> None:
 
 def test_unknown_layer_raises(digits: DigitsExample, sets: tuple[ImageSet, ImageSet]) -> None:
     with pytest.raises(ModelPairingError, match="nope"):
-        repair(
-            onnx.load(str(digits.float_path)), onnx.load(str(digits.quant_path)), *sets, RepairConfig(layer="nope")
-        )
+        repair(onnx.load(str(digits.float_path)), onnx.load(str(digits.quant_path)), *sets, RepairConfig(layer="nope"))
 
 
 def test_list_layers(digits: DigitsExample) -> None:

@@ -44,7 +44,9 @@ def main() -> None:
     weights, bias = dense_parameters(quant_model, pair.quant_layer)
     n = pair.quant_layer.n_out if args.neurons == 0 else min(args.neurons, pair.quant_layer.n_out)
     problems = [
-        NeuronProblem(j, weights[j], float(bias[j]), activity.quant_inputs.astype(np.float64), activity.float_pre[:, j] > 0)
+        NeuronProblem(
+            j, weights[j], float(bias[j]), activity.quant_inputs.astype(np.float64), activity.float_pre[:, j] > 0
+        )
         for j in range(n)
     ]
     results = {
@@ -64,7 +66,8 @@ def main() -> None:
         seconds = np.array([s.seconds for s in solutions])
         statuses = [s.status.value for s in solutions]
         gaps = [
-            (s.objective - b) / max(abs(b), 1e-12) for s, b in zip(solutions, best, strict=True)
+            (s.objective - b) / max(abs(b), 1e-12)
+            for s, b in zip(solutions, best, strict=True)
             if s.objective is not None and b is not None
         ]
         other = len(statuses) - statuses.count("optimal") - statuses.count("infeasible")
@@ -73,9 +76,7 @@ def main() -> None:
             f"| {statuses.count('optimal')} | {statuses.count('infeasible')} | {other} "
             f"| {100 * max(gaps, default=0.0):.3f} % |"
         )
-    disagree = [
-        i for i in range(n) if results[SolverBackend.HIGHS][i].status != results[SolverBackend.CBC][i].status
-    ]
+    disagree = [i for i in range(n) if results[SolverBackend.HIGHS][i].status != results[SolverBackend.CBC][i].status]
     print(f"\nneurons where the two backends' statuses differ: {disagree}")
 
 

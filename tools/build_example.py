@@ -31,6 +31,7 @@ torch is a build tool only; onnxrepair itself never imports it. Timings and the
 last digit of the accuracies can differ on other CPUs (oneDNN picks different
 kernels), the procedure does not.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,15 +50,23 @@ import numpy as np
 SEED = 0
 DATA_DIR = Path("/usr/share/datasets/fashion-mnist")
 CLASSES = [
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
 ]
 N_REPAIR_PER_CLASS = 100
 N_VAL_PER_CLASS = 50
-N_CALIB = 32           # "few calibration images", drawn from the training set
+N_CALIB = 32  # "few calibration images", drawn from the training set
 EPOCHS = 8
 BATCH = 64
-LR = 2e-3            # Adam, cosine-annealed to 0 over EPOCHS
+LR = 2e-3  # Adam, cosine-annealed to 0 over EPOCHS
 OPSET = 17
 
 
@@ -71,7 +80,7 @@ def read_idx(path: Path) -> np.ndarray:
     dtype_code, ndim = raw[2], raw[3]
     if dtype_code != 0x08:
         raise ValueError(f"{path}: only unsigned-byte IDX files are supported")
-    dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    dims = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
     data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
     return data.reshape(dims).copy()
 
@@ -96,7 +105,7 @@ def stratified_disjoint(labels: np.ndarray, counts: list[int], seed: int) -> lis
         idx = rng.permutation(np.flatnonzero(labels == c))
         start = 0
         for k, n in enumerate(counts):
-            out[k].extend(idx[start:start + n].tolist())
+            out[k].extend(idx[start : start + n].tolist())
             start += n
     return [np.array(sorted(o), dtype=np.int64) for o in out]
 
@@ -131,13 +140,13 @@ def build_net():
     class FashionCNN(nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.conv1 = nn.Conv2d(1, 16, 3)      # 28 -> 26
+            self.conv1 = nn.Conv2d(1, 16, 3)  # 28 -> 26
             self.relu1 = nn.ReLU()
-            self.pool1 = nn.MaxPool2d(2)          # 26 -> 13
-            self.conv2 = nn.Conv2d(16, 32, 3)     # 13 -> 11
+            self.pool1 = nn.MaxPool2d(2)  # 26 -> 13
+            self.conv2 = nn.Conv2d(16, 32, 3)  # 13 -> 11
             self.relu2 = nn.ReLU()
-            self.pool2 = nn.MaxPool2d(2)          # 11 -> 5
-            self.flatten = nn.Flatten()           # 32*5*5 = 800
+            self.pool2 = nn.MaxPool2d(2)  # 11 -> 5
+            self.flatten = nn.Flatten()  # 32*5*5 = 800
             self.fc1 = nn.Linear(800, 64)
             self.relu3 = nn.ReLU()
             self.fc2 = nn.Linear(64, 10)
@@ -171,7 +180,7 @@ def train(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_test: 
         perm = torch.randperm(len(xt), generator=gen)
         total = 0.0
         for b in range(0, len(xt), BATCH):
-            sel = perm[b:b + BATCH]
+            sel = perm[b : b + BATCH]
             opt.zero_grad(set_to_none=True)
             loss = loss_fn(net(xt[sel]), yt[sel])
             loss.backward()
@@ -181,8 +190,10 @@ def train(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_test: 
         net.eval()
         with torch.no_grad():
             acc = float((net(torch.from_numpy(x_test)).argmax(1).numpy() == y_test).mean())
-        print(f"  epoch {epoch + 1}/{EPOCHS}: loss {total / len(xt):.4f}  "
-              f"t10k acc {acc:.4f}  ({time.time() - t0:.1f}s)", flush=True)
+        print(
+            f"  epoch {epoch + 1}/{EPOCHS}: loss {total / len(xt):.4f}  t10k acc {acc:.4f}  ({time.time() - t0:.1f}s)",
+            flush=True,
+        )
     return net
 
 
@@ -192,7 +203,9 @@ def export(net, path: Path) -> None:
     net.eval()
     dummy = torch.zeros(1, 1, 28, 28)
     torch.onnx.export(
-        net, (dummy,), str(path),
+        net,
+        (dummy,),
+        str(path),
         dynamo=False,
         opset_version=OPSET,
         input_names=["input"],
@@ -226,8 +239,7 @@ def predict(path: Path, x: np.ndarray, batch: int = 500, optimize: bool = True) 
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
     name = sess.get_inputs()[0].name
-    return np.concatenate([sess.run(None, {name: x[i:i + batch]})[0]
-                           for i in range(0, len(x), batch)]).argmax(1)
+    return np.concatenate([sess.run(None, {name: x[i : i + batch]})[0] for i in range(0, len(x), batch)]).argmax(1)
 
 
 class ArrayReader:
@@ -240,7 +252,7 @@ class ArrayReader:
     def get_next(self):
         if self._i >= len(self._x):
             return None
-        item = {"input": self._x[self._i:self._i + 1]}
+        item = {"input": self._x[self._i : self._i + 1]}
         self._i += 1
         return item
 
@@ -259,18 +271,19 @@ class Candidate:
     extra_options: dict = field(default_factory=dict)
 
     def describe(self) -> str:
-        return (f"QDQ, {'per-channel' if self.per_channel else 'per-tensor'}, "
-                f"weights {self.weight_type}, activations {self.activation_type}, "
-                f"{self.calibrate_method} calibration on {self.n_calib} training images, "
-                f"reduce_range=False, Relu/Clip removed (ORT default), no quant_pre_process")
+        return (
+            f"QDQ, {'per-channel' if self.per_channel else 'per-tensor'}, "
+            f"weights {self.weight_type}, activations {self.activation_type}, "
+            f"{self.calibrate_method} calibration on {self.n_calib} training images, "
+            f"reduce_range=False, Relu/Clip removed (ORT default), no quant_pre_process"
+        )
 
 
 # Measured in this order: settings users really use first. All are QDQ, all
 # keep ORT's default of removing Relu/Clip in QDQ mode, none runs
 # quant_pre_process (the TorchScript export is already shape-inferred and
 # pre-processing would only risk renaming nodes; ORT logs a hint about it).
-_INT8_CONVS = {"TensorQuantOverrides": {w: [{"quant_type": "QInt8"}]
-                                        for w in ("conv1.weight", "conv2.weight")}}
+_INT8_CONVS = {"TensorQuantOverrides": {w: [{"quant_type": "QInt8"}] for w in ("conv1.weight", "conv2.weight")}}
 CANDIDATES = [
     Candidate("int8-u8act-minmax"),
     Candidate("int8-s8act-minmax", activation_type="QInt8"),
@@ -311,12 +324,12 @@ MIN_DROP_PP = 2.0
 
 
 def quantize(float_path: Path, out_path: Path, cand: Candidate, x_calib: np.ndarray) -> None:
-    from onnxruntime.quantization import (CalibrationMethod, QuantFormat, QuantType,
-                                          quantize_static)
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     quantize_static(
-        str(float_path), str(out_path),
-        calibration_data_reader=ArrayReader(x_calib[:cand.n_calib]),
+        str(float_path),
+        str(out_path),
+        calibration_data_reader=ArrayReader(x_calib[: cand.n_calib]),
         quant_format=QuantFormat.QDQ,
         per_channel=cand.per_channel,
         reduce_range=False,
@@ -334,9 +347,9 @@ def _extra_options(opts: dict) -> dict:
     out = dict(opts)
     if "TensorQuantOverrides" in out:
         out["TensorQuantOverrides"] = {
-            t: [{k: (getattr(QuantType, v) if k == "quant_type" else v) for k, v in o.items()}
-                for o in lst]
-            for t, lst in out["TensorQuantOverrides"].items()}
+            t: [{k: (getattr(QuantType, v) if k == "quant_type" else v) for k, v in o.items()} for o in lst]
+            for t, lst in out["TensorQuantOverrides"].items()
+        }
     return out
 
 
@@ -363,8 +376,7 @@ def dense_layers(path: Path) -> list[dict]:
             parts = [describe_tensor(i) for i in n.input if i]
             dom = n.domain or "ai.onnx"
             axis = [a.i for a in n.attribute if a.name == "axis"]
-            return (f"DQ[{dom}{', axis=' + str(axis[0]) if axis else ''}]"
-                    f"({'; '.join(parts)})")
+            return f"DQ[{dom}{', axis=' + str(axis[0]) if axis else ''}]({'; '.join(parts)})"
         return name
 
     rows = []
@@ -372,10 +384,15 @@ def dense_layers(path: Path) -> list[dict]:
         if n.op_type not in ("Gemm", "MatMul"):
             continue
         nxt = [c.op_type for c in consumers.get(n.output[0], [])]
-        rows.append({
-            "name": n.name, "op": n.op_type, "output": n.output[0], "next": nxt,
-            "inputs": [describe_tensor(i) for i in n.input[1:]],
-        })
+        rows.append(
+            {
+                "name": n.name,
+                "op": n.op_type,
+                "output": n.output[0],
+                "next": nxt,
+                "inputs": [describe_tensor(i) for i in n.input[1:]],
+            }
+        )
     return rows
 
 
@@ -398,8 +415,7 @@ def write_readme(out: Path, chosen: Candidate, table: list[dict], acc: dict, cmd
         "| `float.onnx` | small CNN trained on Fashion-MNIST (Conv16-Pool-Conv32-Pool-"
         "`/fc1/Gemm` 800->64-Relu-`/fc2/Gemm` 64->10), TorchScript exporter, opset 17; "
         "input `input` N x 1 x 28 x 28 float32 = pixels / 255 (no mean/std), output `logits` |",
-        "| `quant.onnx` | `float.onnx` quantized by `onnxruntime.quantization.quantize_static` "
-        "(setting below) |",
+        "| `quant.onnx` | `float.onnx` quantized by `onnxruntime.quantization.quantize_static` (setting below) |",
         f"| `repair/<label>/<index>.png` | {10 * N_REPAIR_PER_CLASS} Fashion-MNIST test images "
         f"({N_REPAIR_PER_CLASS} per class), repair set |",
         f"| `val/<label>/<index>.png` | {10 * N_VAL_PER_CLASS} Fashion-MNIST test images "
@@ -425,9 +441,13 @@ def write_readme(out: Path, chosen: Candidate, table: list[dict], acc: dict, cmd
         f"(the target was at least {MIN_DROP_PP:g}) in a default ONNX Runtime CPU session. "
         "Most of that loss comes from conv1 (144 weights sharing one 4-bit scale); "
         "`int4w-fc-only` shows what the 4-bit dense layers alone cost. "
-        + ("At opset 17 the 4-bit weights use `com.microsoft` QuantizeLinear/DequantizeLinear "
-           "with INT4 initializers; ORT does not fuse them, so deployed predictions equal "
-           "exact QDQ arithmetic. " if "4" in chosen.weight_type else "")
+        + (
+            "At opset 17 the 4-bit weights use `com.microsoft` QuantizeLinear/DequantizeLinear "
+            "with INT4 initializers; ORT does not fuse them, so deployed predictions equal "
+            "exact QDQ arithmetic. "
+            if "4" in chosen.weight_type
+            else ""
+        )
         + "ORT's default of removing Relu in QDQ mode is kept: `/fc1/Gemm` writes "
         "`/fc1/Gemm_output_0` in `float.onnx` but `/relu3/Relu_output_0` in `quant.onnx`, "
         "where that name holds the pre-activation; the QuantizeLinear after it (zero point at "
@@ -442,8 +462,7 @@ def write_readme(out: Path, chosen: Candidate, table: list[dict], acc: dict, cmd
     ]
     for split in ("val", "repair"):
         a = acc[split]
-        lines.append(f"| `{split}/` ({a['n']}) | {a['float']:.2%} | {a['quant']:.2%} | "
-                     f"{a['agree']:.2%} |")
+        lines.append(f"| `{split}/` ({a['n']}) | {a['float']:.2%} | {a['quant']:.2%} | {a['agree']:.2%} |")
     lines += [
         "",
         "All candidates measured on `val/` (the chosen one is marked):",
@@ -453,13 +472,14 @@ def write_readme(out: Path, chosen: Candidate, table: list[dict], acc: dict, cmd
     ]
     for r in table:
         mark = " **(chosen)**" if r["name"] == chosen.name else ""
-        lines.append(f"| `{r['name']}`{mark} | {r['float']:.2%} | {r['quant']:.2%} | "
-                     f"{100 * (r['float'] - r['quant']):.1f} | {r['agree']:.2%} | "
-                     f"{r['exact']:.2%} |")
+        lines.append(
+            f"| `{r['name']}`{mark} | {r['float']:.2%} | {r['quant']:.2%} | "
+            f"{100 * (r['float'] - r['quant']):.1f} | {r['agree']:.2%} | "
+            f"{r['exact']:.2%} |"
+        )
     lines += [
         "",
-        "Numbers can move by a few images on other CPUs (oneDNN training kernels, "
-        "ORT's fused int8 kernels).",
+        "Numbers can move by a few images on other CPUs (oneDNN training kernels, ORT's fused int8 kernels).",
         "",
     ]
     (out / "README.md").write_text("\n".join(lines))
@@ -469,13 +489,14 @@ def write_readme(out: Path, chosen: Candidate, table: list[dict], acc: dict, cmd
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="models", help="output folder (default: models)")
-    ap.add_argument("--quick", action="store_true",
-                    help="only build the chosen quantization setting (skip the candidate table)")
+    ap.add_argument(
+        "--quick", action="store_true", help="only build the chosen quantization setting (skip the candidate table)"
+    )
     args = ap.parse_args(argv)
 
     t_start = time.time()
     random.seed(SEED)
-    np.random.seed(SEED)
+    np.random.seed(SEED)  # noqa: NPY002 -- seeds the global state that torch and the legacy code paths use
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -515,36 +536,51 @@ def main(argv: list[str] | None = None) -> int:
             quantize(float_path, qpath, cand, x_calib)
             q_val = predict(qpath, x_val)
             e_val = predict(qpath, x_val, optimize=False)
-            table.append({"name": cand.name, "float": float((f_val == y_val).mean()),
-                          "quant": float((q_val == y_val).mean()),
-                          "agree": float((q_val == f_val).mean()),
-                          "exact": float((e_val == y_val).mean())})
+            table.append(
+                {
+                    "name": cand.name,
+                    "float": float((f_val == y_val).mean()),
+                    "quant": float((q_val == y_val).mean()),
+                    "agree": float((q_val == f_val).mean()),
+                    "exact": float((e_val == y_val).mean()),
+                }
+            )
             if cand.name == CHOSEN:
                 shutil.copyfile(qpath, out / "quant.onnx")
 
     print("\ncandidates on val (ORT CPU, default session options):")
-    print(f"  {'candidate':32s} {'float':>7s} {'quant':>7s} {'drop pp':>8s} {'agree':>7s} "
-          f"{'exactQDQ':>8s}")
+    print(f"  {'candidate':32s} {'float':>7s} {'quant':>7s} {'drop pp':>8s} {'agree':>7s} {'exactQDQ':>8s}")
     for r in table:
         mark = "  <- chosen" if r["name"] == CHOSEN else ""
-        print(f"  {r['name']:32s} {r['float']:7.2%} {r['quant']:7.2%} "
-              f"{100 * (r['float'] - r['quant']):8.1f} {r['agree']:7.2%} {r['exact']:8.2%}{mark}")
-    print("  (quant/agree: default session = deployed; exactQDQ: quant acc with graph "
-          "optimisations off, i.e. no QDQ fusion)")
+        print(
+            f"  {r['name']:32s} {r['float']:7.2%} {r['quant']:7.2%} "
+            f"{100 * (r['float'] - r['quant']):8.1f} {r['agree']:7.2%} {r['exact']:8.2%}{mark}"
+        )
+    print(
+        "  (quant/agree: default session = deployed; exactQDQ: quant acc with graph "
+        "optimisations off, i.e. no QDQ fusion)"
+    )
 
     quant_path = out / "quant.onnx"
     q_val = predict(quant_path, x_val)
     q_rep = predict(quant_path, x_rep)
     acc = {
-        "val": {"n": len(y_val), "float": float((f_val == y_val).mean()),
-                "quant": float((q_val == y_val).mean()), "agree": float((q_val == f_val).mean())},
-        "repair": {"n": len(y_rep), "float": float((f_rep == y_rep).mean()),
-                   "quant": float((q_rep == y_rep).mean()), "agree": float((q_rep == f_rep).mean())},
+        "val": {
+            "n": len(y_val),
+            "float": float((f_val == y_val).mean()),
+            "quant": float((q_val == y_val).mean()),
+            "agree": float((q_val == f_val).mean()),
+        },
+        "repair": {
+            "n": len(y_rep),
+            "float": float((f_rep == y_rep).mean()),
+            "quant": float((q_rep == y_rep).mean()),
+            "agree": float((q_rep == f_rep).mean()),
+        },
     }
     drop = 100 * (acc["val"]["float"] - acc["val"]["quant"])
     if drop < MIN_DROP_PP:
-        print(f"WARNING: chosen setting drops only {drop:.1f} pp on val "
-              f"(wanted >= {MIN_DROP_PP} pp)", file=sys.stderr)
+        print(f"WARNING: chosen setting drops only {drop:.1f} pp on val (wanted >= {MIN_DROP_PP} pp)", file=sys.stderr)
 
     cmd = "python tools/build_example.py" + ("" if args.out == "models" else f" --out {args.out}")
     write_readme(out, chosen, table, acc, cmd)
@@ -552,10 +588,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nchosen: {chosen.name}: {chosen.describe()}")
     for split in ("val", "repair"):
         a = acc[split]
-        print(f"  {split:6s} n={a['n']:4d}  float {a['float']:.2%}  quant {a['quant']:.2%}  "
-              f"agreement {a['agree']:.2%}  failing inputs {round(a['n'] * (1 - a['agree']))}")
+        print(
+            f"  {split:6s} n={a['n']:4d}  float {a['float']:.2%}  quant {a['quant']:.2%}  "
+            f"agreement {a['agree']:.2%}  failing inputs {round(a['n'] * (1 - a['agree']))}"
+        )
 
-    for label, path in (("float", float_path), ("quant", quant_path)):
+    for path in (float_path, quant_path):
         print(f"\ndense layers in {path}:")
         for r in dense_layers(path):
             print(f"  {r['name']} ({r['op']}) -> {r['output']} -> {r['next'] or 'graph output'}")
