@@ -19,11 +19,22 @@ from rich.logging import RichHandler
 from rich.markup import escape
 
 from onnxrepair import __version__
-from onnxrepair.config import Encoding, Metric, RepairConfig, SolveConfig, SolverBackend
+from onnxrepair.config import (
+    LOGIT_MARGIN,
+    SIGN_MARGIN,
+    Encoding,
+    Metric,
+    Objective,
+    RepairConfig,
+    SearchConfig,
+    SolveConfig,
+    SolverBackend,
+)
 from onnxrepair.data import (
     ImageSet,
-    Preprocessing,
+    is_array_file,
     list_class_images,
+    load_array_file,
     load_image_folder,
     preprocessing_for_input,
     stratified_split,
@@ -31,13 +42,17 @@ from onnxrepair.data import (
 from onnxrepair.errors import DataError, OnnxRepairError
 from onnxrepair.files import check_output_path, save_json, save_model
 from onnxrepair.graph import check_models_match, input_spec, load_model, pair_layer
-from onnxrepair.repair import list_layers, repair
+from onnxrepair.plot import plot_importance
+from onnxrepair.repair import list_layers, repair, resolve_layers
 from onnxrepair.report import RichProgress, print_layers, print_summary, report_dict
 from onnxrepair.runtime import make_session
 
 _N = TypeVar("_N", int, float)
 
+DEFAULT_ENCODING = Encoding.PAPER
+
 EXIT_OK = 0
+EXIT_NOTHING_BETTER = 1
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
 
@@ -65,6 +80,7 @@ class FixPaths:
     validation: Path | None
     output: Path
     report: Path | None
+    plot: Path | None = None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -89,7 +105,14 @@ def build_parser() -> argparse.ArgumentParser:
     fix.add_argument("--report", type=Path, help="write a JSON report here")
     fix.add_argument("--force", action="store_true", help="overwrite existing output files")
     fix.add_argument("--list-layers", action="store_true", help="list the repairable layers and exit")
-    fix.add_argument("--layer", help="float-model node name of the dense layer (default: the last one)")
+    fix.add_argument(
+        "--layer",
+        action="append",
+        default=[],
+        help="float-model node name of a dense layer to repair; repeat it to repair several in order, "
+        "or give last:K for the last K dense layers (default: the last one)",
+    )
+    fix.add_argument("--layers", help="comma-separated layer names or last:K; the same as repeated --layer")
     fix.add_argument(
         "--metric",
         choices=[m.value for m in Metric],
@@ -98,32 +121,73 @@ def build_parser() -> argparse.ArgumentParser:
     )
     fix.add_argument("--neurons", type=_positive_int, default=10, help="how many neurons to repair (default: 10)")
     split = fix.add_mutually_exclusive_group()
-    split.add_argument("--val", type=Path, help="separate validation folder (default: hold out part of IMAGES)")
+    split.add_argument("--val", type=Path, help="separate validation folder or .npz (default: hold out part of IMAGES)")
     split.add_argument("--val-fraction", type=_fraction, default=0.2, help="share of IMAGES held out (default: 0.2)")
-    fix.add_argument("--seed", type=int, default=0, help="seed for the split and the random metric (default: 0)")
+    fix.add_argument("--seed", type=int, default=0, help="seed for the splits and the random metric (default: 0)")
     fix.add_argument("--mean", type=float, nargs="+", help="per-channel mean, for models trained on normalised input")
     fix.add_argument("--std", type=float, nargs="+", help="per-channel std, for models trained on normalised input")
-    fix.add_argument(
-        "--encoding", choices=[e.value for e in Encoding], default=Encoding.PAPER.value, help="repair encoding"
+    repair_group = fix.add_argument_group("repair method")
+    repair_group.add_argument(
+        "--encoding",
+        choices=[e.value for e in Encoding],
+        default=DEFAULT_ENCODING.value,
+        help="how the repair is solved (default: %(default)s); see README, 'Encodings'",
     )
-    fix.add_argument(
+    repair_group.add_argument(
+        "--objective",
+        choices=[o.value for o in Objective],
+        help="size of a change: l1 (sum, few weights move) or linf (max, the paper); "
+        "default linf for paper, l1 otherwise",
+    )
+    repair_group.add_argument(
+        "--repair-bias",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="make each selected neuron's bias a variable too (default: off for paper, on otherwise)",
+    )
+    repair_group.add_argument(
         "--margin",
         type=_non_negative_float,
-        default=SolveConfig.margin,
-        help="sign constraint margin (default: %(default)g)",
+        help=f"constraint margin (default: {SIGN_MARGIN:g} for sign constraints, {LOGIT_MARGIN:g} for class scores)",
     )
-    fix.add_argument(
+    repair_group.add_argument(
+        "--norm-weight",
+        type=_non_negative_float,
+        default=SolveConfig.norm_weight,
+        help="soft encodings minimise mean slack + NORM_WEIGHT * |change| (default: %(default)g)",
+    )
+    repair_group.add_argument(
         "--time-limit",
         type=_positive_float,
         default=SolveConfig.time_limit,
-        help="seconds per neuron (default: %(default)g)",
+        help="seconds per problem (default: %(default)g)",
     )
-    fix.add_argument(
+    repair_group.add_argument(
         "--solver",
         choices=[s.value for s in SolverBackend],
         default=SolveConfig.backend.value,
         help="python-mip backend (default: %(default)s)",
     )
+    search_group = fix.add_argument_group("guarded search")
+    search_group.add_argument(
+        "--search",
+        action="store_true",
+        help="try encodings x metrics x N on a held-out part of IMAGES and write the best model only if it "
+        "beats the quantized one there (exit 1 when nothing does)",
+    )
+    search_group.add_argument(
+        "--budget",
+        type=_positive_float,
+        default=SearchConfig.budget,
+        help="search time budget in seconds (default: %(default)g)",
+    )
+    search_group.add_argument(
+        "--holdout-fraction",
+        type=_fraction,
+        default=SearchConfig.holdout_fraction,
+        help="share of the repair images the search scores on (default: %(default)g)",
+    )
+    fix.add_argument("--plot", type=Path, help="draw the layer's neuron importance to this PNG (needs matplotlib)")
     fix.add_argument("--batch-size", type=_positive_int, default=256, help="images per inference run")
     _add_output_flags(fix)
     return parser
@@ -154,9 +218,11 @@ def run_fix(args: argparse.Namespace, console: Console) -> int:
     if args.list_layers:
         print_layers(console, list_layers(float_model, quant_model))
         return EXIT_OK
-    pair_layer(float_model, quant_model, args.layer)  # a wrong --layer fails now, not after loading images
+    layer_specs = tuple(args.layer) + tuple(n.strip() for n in (args.layers or "").split(",") if n.strip())
+    for name in resolve_layers(float_model, layer_specs):  # a wrong --layer fails now, not after loading images
+        pair_layer(float_model, quant_model, name)
     if args.images is None:
-        raise DataError("IMAGES is missing: give a folder of class subfolders (or use --list-layers)")
+        raise DataError("IMAGES is missing: give a folder of class subfolders or a .npz file (or use --list-layers)")
     paths = FixPaths(
         float_model=args.float_model,
         quant_model=args.quant_model,
@@ -164,15 +230,18 @@ def run_fix(args: argparse.Namespace, console: Console) -> int:
         validation=args.val,
         output=args.output or args.quant_model.with_suffix(".repaired.onnx"),
         report=args.report,
+        plot=args.plot,
     )
     inputs = [paths.float_model, paths.quant_model]
-    check_output_path(paths.output, args.force, inputs, "output model")
-    if paths.report is not None:
-        check_output_path(paths.report, args.force, inputs, "report")
-        if paths.report.resolve() == paths.output.resolve():
-            raise DataError("--report and -o name the same file")
+    outputs = [
+        (p, what) for p, what in ((paths.output, "output model"), (paths.report, "report"), (paths.plot, "plot")) if p
+    ]
+    for path, what in outputs:
+        check_output_path(path, args.force, inputs, what)
+    if len({p.resolve() for p, _ in outputs}) < len(outputs):
+        raise DataError("-o, --report and --plot must name different files")
     config = RepairConfig(
-        layer=args.layer,
+        layers=layer_specs,
         metric=Metric(args.metric),
         neurons=args.neurons,
         val_fraction=args.val_fraction,
@@ -180,50 +249,89 @@ def run_fix(args: argparse.Namespace, console: Console) -> int:
         batch_size=args.batch_size,
         solve=SolveConfig(
             encoding=Encoding(args.encoding),
+            objective=Objective(args.objective) if args.objective else None,
+            repair_bias=args.repair_bias,
             margin=args.margin,
+            norm_weight=args.norm_weight,
             time_limit=args.time_limit,
             backend=SolverBackend(args.solver),
         ),
+        search=SearchConfig(budget=args.budget, holdout_fraction=args.holdout_fraction) if args.search else None,
     )
     spec = input_spec(float_model)
-    prep = preprocessing_for_input(spec.name, spec.shape, args.mean, args.std)
-    console.print(f"preprocessing: {prep.describe()}", highlight=False)
+    if is_array_file(args.images):
+        prep_text = "arrays from .npz/.npy used as they are"
+    else:
+        prep = preprocessing_for_input(spec.name, spec.shape, args.mean, args.std)
+        prep_text = prep.describe()
+    console.print(f"preprocessing: {prep_text}", highlight=False)
     with RichProgress(console, enabled=not args.quiet) as progress:
-        repair_set, validation_set = load_sets(paths, prep, config, progress)
+        repair_set, validation_set = load_sets(paths, spec.name, spec.shape, args, config, progress)
         console.print(f"images: {len(repair_set)} for repair, {len(validation_set)} for validation", highlight=False)
         result = repair(float_model, quant_model, repair_set, validation_set, config, progress)
-    make_session(result.model, "repaired")  # one more check that ONNX Runtime loads what is written
-    save_model(result.model, paths.output)
+    if result.model is not None:
+        make_session(result.model, "repaired")  # one more check that ONNX Runtime loads what is written
+        save_model(result.model, paths.output)
     if paths.report is not None:
         report = report_dict(
             result,
             config,
-            inputs={k: str(v) for k, v in vars(paths).items() if v is not None and k not in ("output", "report")},
-            preprocessing=prep.describe(),
-            output=str(paths.output),
+            inputs={
+                k: str(v)
+                for k, v in vars(paths).items()
+                if v is not None and k in ("float_model", "quant_model", "images", "validation")
+            },
+            preprocessing=prep_text,
+            output=str(paths.output) if result.model is not None else None,
         )
         save_json(report, paths.report)
+    if paths.plot is not None and result.layers:
+        last = result.layers[-1]
+        plot_importance(
+            last.scores,
+            paths.plot,
+            metric=last.method.metric.value,
+            layer=last.pair.float_layer.name,
+            selected=last.selected,
+        )
     print_summary(console, result, config)
-    written = f"repaired model written to [bold]{escape(str(paths.output))}[/]"
-    if paths.report is not None:
-        written += f", report to {escape(str(paths.report))}"
-    console.print(written, soft_wrap=True)
+    extras = "".join(
+        f", {what} to {escape(str(path))}" for path, what in ((paths.report, "report"), (paths.plot, "plot")) if path
+    )
+    if result.model is None:
+        console.print(
+            "[yellow]no configuration beat the quantized model on the held-out repair images, so no model was "
+            f"written[/]{extras}",
+            soft_wrap=True,
+        )
+        return EXIT_NOTHING_BETTER
+    console.print(f"repaired model written to [bold]{escape(str(paths.output))}[/]{extras}", soft_wrap=True)
     return EXIT_OK
 
 
 def load_sets(
-    paths: FixPaths, prep: Preprocessing, config: RepairConfig, progress: RichProgress
+    paths: FixPaths,
+    input_name: str,
+    input_shape: tuple[int | None, ...],
+    args: argparse.Namespace,
+    config: RepairConfig,
+    progress: RichProgress,
 ) -> tuple[ImageSet, ImageSet]:
-    """The repair and validation images: a separate --val folder, or a stratified split."""
+    """The repair and validation inputs: a separate --val, or a stratified split of IMAGES."""
     assert paths.images is not None
-    with progress.task("loading images", len(list_class_images(paths.images))) as advance:
-        images = load_image_folder(paths.images, prep, advance)
+
+    def load(path: Path, description: str, class_names: tuple[str, ...] | None = None) -> ImageSet:
+        if is_array_file(path):
+            return load_array_file(path, input_shape)
+        prep = preprocessing_for_input(input_name, input_shape, args.mean, args.std)
+        with progress.task(description, len(list_class_images(path))) as advance:
+            return load_image_folder(path, prep, advance, class_names=class_names)
+
+    images = load(paths.images, "loading images")
     if paths.validation is None:
-        repair_idx, val_idx = stratified_split(images.labels, config.val_fraction, config.seed)
+        repair_idx, val_idx = stratified_split(images.strata, config.val_fraction, config.seed)
         return images.subset(repair_idx), images.subset(val_idx)
-    with progress.task("loading --val", len(list_class_images(paths.validation))) as advance:
-        validation = load_image_folder(paths.validation, prep, advance, class_names=images.class_names)
-    return images, validation
+    return images, load(paths.validation, "loading --val", images.class_names or None)
 
 
 def _add_output_flags(parser: argparse.ArgumentParser) -> None:

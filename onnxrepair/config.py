@@ -24,9 +24,28 @@ class Metric(str, enum.Enum):
 
 
 class Encoding(str, enum.Enum):
-    """How the per-neuron repair problem is written for the solver."""
+    """How a layer is repaired (DESIGN.md, "Encodings")."""
 
     PAPER = "paper"  # hard sign constraints with a margin, minimise max |delta| (the paper)
+    SOFT = "soft"  # sign constraints with slack: always feasible
+    INTEGER = "integer"  # soft, in whole quantization steps: what is solved is what is written
+    LOGIT = "logit"  # output layer only: class scores, jointly over the selected neurons
+    BIAS_CORRECTION = "bias-correction"  # no solver: shift each bias by the mean float-minus-quant gap
+
+    @property
+    def soft(self) -> bool:
+        return self in (Encoding.SOFT, Encoding.INTEGER, Encoding.LOGIT)
+
+
+class Objective(str, enum.Enum):
+    """The size of a change: sum of |delta| (few weights move) or max |delta| (the paper)."""
+
+    L1 = "l1"
+    LINF = "linf"
+
+
+SIGN_MARGIN = 1e-3
+LOGIT_MARGIN = 0.1
 
 
 class SolverBackend(str, enum.Enum):
@@ -38,22 +57,62 @@ class SolverBackend(str, enum.Enum):
 
 @dataclass(frozen=True)
 class SolveConfig:
-    """Options of the per-neuron solve.
+    """Options of the solve; None means "the encoding's default" (see the properties).
 
     Attributes:
         encoding: how constraints and objective are written.
-        margin: every sign constraint must hold by at least this much (in the
-            units of the layer's pre-activation), so that a solution survives
-            small numeric differences at deployment.
-        time_limit: seconds allowed for one neuron; a neuron that runs out is
+        objective: how the size of a change is measured; default L-infinity for
+            `paper`, L1 for the others.
+        repair_bias: whether each selected neuron's bias is a variable too;
+            default off for `paper`, on for the others.
+        margin: each constraint must hold by at least this much (pre-activation
+            or class-score units); default 1e-3 for sign constraints and
+            LOGIT_MARGIN for class scores.
+        norm_weight: soft encodings minimise mean slack + norm_weight * |change|.
+        time_limit: seconds allowed for one problem; a problem that runs out is
             reported as timed out and left unchanged.
         backend: the python-mip solver.
     """
 
     encoding: Encoding = Encoding.PAPER
-    margin: float = 1e-3
+    objective: Objective | None = None
+    repair_bias: bool | None = None
+    margin: float | None = None
+    norm_weight: float = 0.01
     time_limit: float = 60.0
     backend: SolverBackend = SolverBackend.HIGHS
+
+    @property
+    def resolved_objective(self) -> Objective:
+        if self.objective is not None:
+            return self.objective
+        return Objective.LINF if self.encoding is Encoding.PAPER else Objective.L1
+
+    @property
+    def resolved_repair_bias(self) -> bool:
+        return self.encoding is not Encoding.PAPER if self.repair_bias is None else self.repair_bias
+
+    @property
+    def resolved_margin(self) -> float:
+        if self.margin is not None:
+            return self.margin
+        return LOGIT_MARGIN if self.encoding is Encoding.LOGIT else SIGN_MARGIN
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """The guarded search over repair configurations (Algorithm 1's "otherwise try other combinations").
+
+    Attributes:
+        budget: seconds after which the search stops with the best model so far.
+        holdout_fraction: share of the repair images kept aside to score each
+            configuration (never the validation set, never used to solve).
+        neuron_counts: the values of N tried ("all neurons" is always tried).
+    """
+
+    budget: float = 300.0
+    holdout_fraction: float = 0.25
+    neuron_counts: tuple[int, ...] = (1, 5, 10, 20, 50, 100)
 
 
 @dataclass(frozen=True)
@@ -61,21 +120,23 @@ class RepairConfig:
     """Options of one repair run that do not name files.
 
     Attributes:
-        layer: float-model node name of the dense layer to repair; None picks
-            the last dense layer.
+        layers: float-model node names of the dense layers to repair, in order;
+            empty picks the last dense layer.
         metric: how neurons are ranked.
         neurons: how many of the top-ranked neurons to repair.
         val_fraction: share of the images held out for validation when no
             separate validation folder is given (stratified by class).
-        seed: seeds the split and the random metric.
+        seed: seeds the splits and the random metric.
         batch_size: images per ONNX Runtime run.
-        solve: per-neuron solver options.
+        solve: solver options.
+        search: when set, search configurations instead of applying `solve` once.
     """
 
-    layer: str | None = None
+    layers: tuple[str, ...] = ()
     metric: Metric = Metric.EUCLID
     neurons: int = 10
     val_fraction: float = 0.2
     seed: int = 0
     batch_size: int = 256
     solve: SolveConfig = SolveConfig()
+    search: SearchConfig | None = None

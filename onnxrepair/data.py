@@ -97,14 +97,14 @@ class ImageSet:
 
     Attributes:
         x: float32 array in the model's layout, one row per image.
-        labels: class index per image.
+        labels: class index per image; None for unlabelled arrays.
         class_names: folder name of each class index.
         paths: source file of each image.
         skipped: files that could not be decoded.
     """
 
     x: NDArray[np.float32]
-    labels: NDArray[np.int64]
+    labels: NDArray[np.int64] | None
     class_names: tuple[str, ...]
     paths: tuple[str, ...]
     skipped: tuple[str, ...] = field(default=())
@@ -112,11 +112,16 @@ class ImageSet:
     def __len__(self) -> int:
         return len(self.paths)
 
+    @property
+    def strata(self) -> NDArray[np.int64]:
+        """What splits stratify by: the labels, or one stratum when unlabelled."""
+        return self.labels if self.labels is not None else np.zeros(len(self.x), np.int64)
+
     def subset(self, indices: NDArray[np.int64]) -> ImageSet:
         """The images at `indices`, in that order."""
         return ImageSet(
             x=self.x[indices],
-            labels=self.labels[indices],
+            labels=None if self.labels is None else self.labels[indices],
             class_names=self.class_names,
             paths=tuple(self.paths[i] for i in indices),
         )
@@ -171,6 +176,59 @@ def load_image_folder(
         class_names=names,
         paths=tuple(paths),
         skipped=tuple(skipped),
+    )
+
+
+ARRAY_SUFFIXES = frozenset({".npz", ".npy"})
+
+
+def is_array_file(path: Path) -> bool:
+    """True for the .npz / .npy inputs of users whose data is already tensors."""
+    return path.suffix.lower() in ARRAY_SUFFIXES
+
+
+def load_array_file(path: Path, input_shape: Sequence[int | None]) -> ImageSet:
+    """Read model-ready inputs from ``.npz`` (arrays ``x`` and optional ``y``) or ``.npy`` (``x`` only).
+
+    The arrays are used as they are: no resizing or scaling.
+
+    Raises:
+        DataError: the file is missing or unreadable, or ``x`` does not fit the model input.
+    """
+    if not path.is_file():
+        raise DataError(f"data file {path} does not exist")
+    try:
+        loaded = np.load(path, allow_pickle=False)
+        if isinstance(loaded, np.ndarray):
+            arrays = {"x": loaded}
+        else:
+            with loaded:
+                arrays = {k: loaded[k] for k in loaded.files}
+    except (OSError, ValueError, EOFError) as exc:
+        raise DataError(f"{path} is not a readable .npz/.npy file ({exc})") from exc
+    if "x" not in arrays:
+        raise DataError(f"{path} has no array named 'x' (it has {sorted(arrays)}); save inputs as x and labels as y")
+    x = np.asarray(arrays["x"])
+    expected = list(input_shape)[1:]
+    if x.ndim != len(expected) + 1 or any(
+        e is not None and e != d for e, d in zip(expected, x.shape[1:], strict=False)
+    ):
+        shown = ["N", *("?" if e is None else str(e) for e in expected)]
+        raise DataError(f"{path}: x has shape {list(x.shape)} but the model takes [{', '.join(shown)}]")
+    if len(x) == 0:
+        raise DataError(f"{path}: x holds no inputs")
+    labels = None
+    if "y" in arrays:
+        y = np.asarray(arrays["y"])
+        if y.shape != (len(x),) or not np.issubdtype(y.dtype, np.integer):
+            raise DataError(f"{path}: y must hold one integer label per row of x, got shape {list(y.shape)} {y.dtype}")
+        labels = y.astype(np.int64)
+    n_classes = int(labels.max()) + 1 if labels is not None else 0
+    return ImageSet(
+        x=x.astype(np.float32),
+        labels=labels,
+        class_names=tuple(str(i) for i in range(n_classes)),
+        paths=tuple(f"{path}[{i}]" for i in range(len(x))),
     )
 
 

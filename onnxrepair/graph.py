@@ -26,6 +26,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+import ml_dtypes
 import numpy as np
 import onnx
 from numpy.typing import NDArray
@@ -248,6 +249,54 @@ def dense_parameters(model: onnx.ModelProto, layer: DenseLayer) -> tuple[NDArray
     else:
         b = np.broadcast_to(parameter_value(inits, layer.bias).reshape(-1), (layer.n_out,)).copy()
     return w.astype(np.float64), b.astype(np.float64)
+
+
+@dataclass(frozen=True)
+class LayerGrid:
+    """Where a quantized layer's parameters can move without leaving their integer encoding.
+
+    Steps are real-valued sizes of one integer step; `low`/`high` are the most
+    negative / positive whole number of steps that keep each stored integer in
+    its type's range. A float-stored parameter has step 0 (move freely).
+
+    Attributes:
+        weight_step, weight_low, weight_high: [out, in], in the layer's [out, in] view.
+        bias_step, bias_low, bias_high: [out]; None when the layer has no bias.
+    """
+
+    weight_step: NDArray[np.float64]
+    weight_low: NDArray[np.float64]
+    weight_high: NDArray[np.float64]
+    bias_step: NDArray[np.float64] | None
+    bias_low: NDArray[np.float64] | None
+    bias_high: NDArray[np.float64] | None
+
+
+def layer_grid(model: onnx.ModelProto, layer: DenseLayer) -> LayerGrid:
+    """The integer grid of a layer's weights and bias (see LayerGrid)."""
+    inits = initializers(model)
+    w_step, w_low, w_high = _parameter_grid(inits, layer.weight)
+    if layer.weight_transposed:
+        w_step, w_low, w_high = w_step.T, w_low.T, w_high.T
+    if layer.bias is None:
+        return LayerGrid(w_step, w_low, w_high, None, None, None)
+    b_step, b_low, b_high = (
+        np.broadcast_to(a.reshape(-1), (layer.n_out,)).copy() for a in _parameter_grid(inits, layer.bias)
+    )
+    return LayerGrid(w_step, w_low, w_high, b_step, b_low, b_high)
+
+
+def _parameter_grid(
+    inits: dict[str, onnx.TensorProto], param: Parameter
+) -> tuple[NDArray[np.float64], NDArray[np.float64], NDArray[np.float64]]:
+    if isinstance(param, FloatTensor):
+        shape = tuple(inits[param.initializer].dims)
+        return np.zeros(shape), np.full(shape, -np.inf), np.full(shape, np.inf)
+    q = numpy_helper.to_array(inits[param.quantized])
+    info = ml_dtypes.iinfo(q.dtype)
+    scale = channel_view(numpy_helper.to_array(inits[param.scale]).astype(np.float64), q.ndim, param.axis)
+    q64 = q.astype(np.float64)
+    return np.broadcast_to(scale, q.shape).copy(), info.min - q64, info.max - q64
 
 
 def parameter_value(inits: dict[str, onnx.TensorProto], param: Parameter) -> NDArray[np.float64]:

@@ -1,4 +1,4 @@
-"""The repair pipeline: spectra -> ranking -> per-neuron solves -> rewrite -> evaluation.
+"""The repair pipeline: for each layer, a method (or the guarded search), then evaluation.
 
 Takes models and image arrays, returns the repaired model and what happened;
 it opens no file and prints nothing (progress goes through a `Progress` sink
@@ -7,64 +7,52 @@ that the CLI provides).
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import logging
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from typing import Protocol
+from dataclasses import dataclass, field
 
-import numpy as np
 import onnx
-from numpy.typing import NDArray
 
 from onnxrepair.config import RepairConfig
-from onnxrepair.data import ImageSet
-from onnxrepair.errors import OnnxRepairError, UnsupportedModelError
+from onnxrepair.data import ImageSet, stratified_split
+from onnxrepair.errors import ModelPairingError, OnnxRepairError
 from onnxrepair.evaluate import Evaluation, evaluate_scores
 from onnxrepair.graph import (
     DenseLayer,
     LayerPair,
     check_models_match,
-    dense_parameters,
     describe_parameter,
     find_dense_layers,
-    input_spec,
     pair_layer,
-    with_outputs,
 )
-from onnxrepair.localize import rank_neurons, suspiciousness
-from onnxrepair.rewrite import RewriteStats, apply_weight_deltas
+from onnxrepair.methods import LayerRepair, Method, read_layer_activity, repair_layer
+from onnxrepair.progress import NoProgress, Progress
 from onnxrepair.runtime import make_session, output_name, run_batched
-from onnxrepair.solve import NeuronProblem, NeuronSolution, solve_neuron
-from onnxrepair.spectrum import Spectrum, activation_flips, collect_spectrum, failing_mask
+from onnxrepair.search import HoldoutScorer, Score, Trial, search_layer
 
 logger = logging.getLogger(__name__)
 
 
-class Progress(Protocol):
-    """Where long-running steps report progress: `task` yields an `advance(n)` callable."""
-
-    def task(self, description: str, total: int) -> contextlib.AbstractContextManager[Callable[[int], None]]: ...
-
-
-class NoProgress:
-    """A Progress that shows nothing (library use, tests, --quiet)."""
-
-    @contextlib.contextmanager
-    def task(self, description: str, total: int) -> Iterator[Callable[[int], None]]:
-        yield lambda n: None
-
-
 @dataclass(frozen=True)
 class Timings:
-    """Wall-clock seconds of each stage."""
+    """Wall-clock seconds of each stage.
+
+    Attributes:
+        inference: reading spectra (tapped models over the repair images).
+        solve: the solvers (or bias correction).
+        rewrite: writing the changes into the model and checking it.
+        search: the whole guarded search (its spectra, solves, rewrites and
+            held-out scoring); 0 without --search.
+        evaluate: the three models on the validation set.
+    """
 
     inference: float
     solve: float
     rewrite: float
     evaluate: float
     total: float
+    search: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -72,46 +60,49 @@ class RepairResult:
     """Everything a repair run produced.
 
     Attributes:
-        model: the repaired QDQ model.
-        pair: the float and QDQ layer that was repaired.
-        spectrum: counts over the repair set.
-        scores: suspiciousness of every neuron under the chosen metric.
-        selected: the neurons given to the solver, most suspicious first.
-        solutions: one per selected neuron, solved or not, in the same order.
-        rewrite: how many integer weights changed or were clamped.
-        evaluation: float / quant / repaired on the validation set.
-        timings: seconds per stage.
+        model: the repaired QDQ model; None when the search found nothing
+            better than the quantized model on its held-out images.
+        layers: what was applied, in order (one entry per layer without
+            --search; the accepted methods with it).
+        trials: every configuration the search tried (empty without --search).
+        holdout_before, holdout_after: the search's held-out scores of the
+            quantized and the returned model.
+        evaluation: float / quantized / repaired on the validation set (the
+            quantized model stands in for the repaired one when none was found).
+        repair_size: images used to solve (the search's held-out part excluded).
+        holdout_size: images the search scored on.
     """
 
-    model: onnx.ModelProto
-    pair: LayerPair
-    spectrum: Spectrum
-    scores: NDArray[np.float64]
-    selected: list[int]
-    solutions: list[NeuronSolution]
-    rewrite: RewriteStats
+    model: onnx.ModelProto | None
+    layers: list[LayerRepair]
     evaluation: Evaluation
     timings: Timings
     repair_size: int
-
-    @property
-    def repaired_neurons(self) -> list[int]:
-        return [s.neuron for s in self.solutions if s.solved]
-
-    @property
-    def unsolved(self) -> list[int]:
-        return [s.neuron for s in self.solutions if not s.solved]
+    holdout_size: int = 0
+    trials: list[Trial] = field(default_factory=list)
+    holdout_before: Score | None = None
+    holdout_after: Score | None = None
 
 
-@dataclass(frozen=True)
-class LayerActivity:
-    """What the repair set shows about one layer: read from both models."""
+def resolve_layers(float_model: onnx.ModelProto, names: tuple[str, ...]) -> list[str]:
+    """Layer names from --layer values: node names, or "last:K" for the last K dense layers.
 
-    float_scores: NDArray[np.float32]  # [n, classes]
-    quant_scores: NDArray[np.float32]
-    float_pre: NDArray[np.float32]  # [n, neurons] pre-activation
-    quant_pre: NDArray[np.float32]
-    quant_inputs: NDArray[np.float32]  # [n, n_in] the layer input in the quantized model
+    Raises:
+        ModelPairingError: an unknown name or a bad "last:K".
+    """
+    available = [layer.name for layer in find_dense_layers(float_model)]
+    if not names:
+        return available[-1:]
+    resolved: list[str] = []
+    for name in names:
+        if name.startswith("last:"):
+            count = name.removeprefix("last:")
+            if not count.isdigit() or int(count) < 1:
+                raise ModelPairingError(f"'{name}' is not a layer count; write last:K with K >= 1, e.g. last:2")
+            resolved.extend(available[-int(count) :])
+        else:
+            resolved.append(name)
+    return list(dict.fromkeys(resolved))
 
 
 def repair(
@@ -122,7 +113,10 @@ def repair(
     config: RepairConfig,
     progress: Progress | None = None,
 ) -> RepairResult:
-    """Repair `config.neurons` neurons of one dense layer of `quant_model` (QNNRepair, Algorithm 1).
+    """Repair the configured layers of `quant_model`, one after another (QNNRepair, Algorithm 1).
+
+    Each layer's spectra are read from the model as patched so far. With
+    `config.search`, a held-out part of `repair_set` scores the candidates.
 
     Raises:
         OnnxRepairError: the models do not match or cannot be repaired.
@@ -130,89 +124,83 @@ def repair(
     progress = progress or NoProgress()
     started = time.perf_counter()
     check_models_match(float_model, quant_model)
-    pair = pair_layer(float_model, quant_model, config.layer)
-    logger.info("repairing layer %s (paired by %s)", pair.float_layer.name, pair.paired_by)
+    names = resolve_layers(float_model, config.layers)
+    for name in names:
+        pair_layer(float_model, quant_model, name)  # every layer is checked before any work
+    fit_set, scorer, holdout_size = repair_set, None, 0
+    if config.search is not None:
+        fit_idx, holdout_idx = stratified_split(repair_set.strata, config.search.holdout_fraction, config.seed)
+        fit_set, holdout = repair_set.subset(fit_idx), repair_set.subset(holdout_idx)
+        scorer, holdout_size = HoldoutScorer(float_model, holdout.x, holdout.labels, config.batch_size), len(holdout)
+    holdout_before = scorer.score(quant_model) if scorer is not None else None
 
-    activity = read_layer_activity(float_model, quant_model, pair, repair_set.x, config.batch_size, progress)
-    inference_seconds = time.perf_counter() - started
-
-    failing = failing_mask(activity.float_scores, activity.quant_scores)
-    spectrum = collect_spectrum(failing, activation_flips(activity.float_pre, activity.quant_pre))
-    scores = suspiciousness(spectrum, config.metric, config.seed)
-    selected = [int(i) for i in rank_neurons(scores)[: config.neurons]]
-    logger.info("%d of %d repair inputs fail; selected neurons %s", spectrum.n_failing, len(failing), selected)
-
-    solve_started = time.perf_counter()
-    weights, bias = dense_parameters(quant_model, pair.quant_layer)
-    inputs = activity.quant_inputs.astype(np.float64)
-    solutions = []
-    with progress.task("solving", len(selected)) as advance:
-        for neuron in selected:
-            problem = NeuronProblem(
-                neuron, weights[neuron], float(bias[neuron]), inputs, activity.float_pre[:, neuron] > 0
+    current = quant_model
+    layers: list[LayerRepair] = []
+    trials: list[Trial] = []
+    inference_seconds = solve_seconds = rewrite_seconds = search_seconds = 0.0
+    for position, name in enumerate(names):
+        if scorer is not None and config.search is not None:
+            left = started + config.search.budget - time.perf_counter()
+            deadline = time.perf_counter() + left / (len(names) - position)
+            current, applied, tried = search_layer(
+                float_model,
+                current,
+                functools.partial(_pair_in, float_model, name),
+                fit_set.x,
+                scorer,
+                config,
+                deadline,
+                progress,
             )
-            solution = solve_neuron(problem, config.solve)
-            if not solution.solved:
-                logger.info("neuron %d left unchanged: %s", neuron, solution.reason)
-            solutions.append(solution)
-            advance(1)
-    solve_seconds = time.perf_counter() - solve_started
-
-    rewrite_started = time.perf_counter()
-    deltas = {s.neuron: s.weight_delta for s in solutions if s.weight_delta is not None}
-    repaired, rewrite_stats = apply_weight_deltas(quant_model, pair.quant_layer, deltas)
-    onnx.checker.check_model(repaired)
-    rewrite_seconds = time.perf_counter() - rewrite_started
+            layers.extend(applied)
+            trials.extend(tried)
+            search_seconds = time.perf_counter() - started
+            solve_seconds += sum(layer.solve_seconds for layer in applied)
+        else:
+            pair = pair_layer(float_model, current, name)
+            logger.info("repairing layer %s (paired by %s)", pair.float_layer.name, pair.paired_by)
+            step = time.perf_counter()
+            activity = read_layer_activity(float_model, current, pair, fit_set.x, config.batch_size, progress)
+            inference_seconds += time.perf_counter() - step
+            method = Method(config.solve.encoding, config.metric, config.neurons)
+            step = time.perf_counter()
+            current, outcome = repair_layer(current, pair, activity, method, config.solve, config.seed, progress)
+            layers.append(outcome)
+            solve_seconds += outcome.solve_seconds
+            rewrite_seconds += time.perf_counter() - step - outcome.solve_seconds
+    holdout_after = scorer.score(current) if scorer is not None else None
+    improved = holdout_before is None or (holdout_after is not None and holdout_after.beats(holdout_before))
+    model = current if improved else None
 
     evaluate_started = time.perf_counter()
-    evaluation = evaluate_models(float_model, quant_model, repaired, validation_set, config.batch_size, progress)
+    evaluation = evaluate_models(
+        float_model, quant_model, model or quant_model, validation_set, config.batch_size, progress
+    )
     evaluate_seconds = time.perf_counter() - evaluate_started
+    total = time.perf_counter() - started
     timings = Timings(
         inference=inference_seconds,
         solve=solve_seconds,
         rewrite=rewrite_seconds,
         evaluate=evaluate_seconds,
-        total=time.perf_counter() - started,
+        total=total,
+        search=search_seconds,
     )
     return RepairResult(
-        model=repaired,
-        pair=pair,
-        spectrum=spectrum,
-        scores=scores,
-        selected=selected,
-        solutions=solutions,
-        rewrite=rewrite_stats,
+        model=model,
+        layers=layers,
         evaluation=evaluation,
         timings=timings,
-        repair_size=len(repair_set),
+        repair_size=len(fit_set),
+        holdout_size=holdout_size,
+        trials=trials,
+        holdout_before=holdout_before,
+        holdout_after=holdout_after,
     )
 
 
-def read_layer_activity(
-    float_model: onnx.ModelProto,
-    quant_model: onnx.ModelProto,
-    pair: LayerPair,
-    x: NDArray[np.float32],
-    batch_size: int,
-    progress: Progress,
-) -> LayerActivity:
-    """Run tapped copies of both models that also output the layer's input and pre-activation."""
-    f_layer, q_layer = pair.float_layer, pair.quant_layer
-    f_out, q_out = output_name(float_model), output_name(quant_model)
-    with progress.task("reading spectra", 2 * len(x)) as advance:
-        f = _run_tapped(float_model, "FLOAT", [f_out, f_layer.output_tensor], x, batch_size, advance)
-        q = _run_tapped(
-            quant_model, "QUANT", [q_out, q_layer.input_tensor, q_layer.output_tensor], x, batch_size, advance
-        )
-    _check_width(f[f_layer.output_tensor], f_layer, "FLOAT")
-    _check_width(q[q_layer.output_tensor], q_layer, "QUANT")
-    return LayerActivity(
-        float_scores=f[f_out],
-        quant_scores=q[q_out],
-        float_pre=f[f_layer.output_tensor],
-        quant_pre=q[q_layer.output_tensor],
-        quant_inputs=q[q_layer.input_tensor],
-    )
+def _pair_in(float_model: onnx.ModelProto, name: str, quant_model: onnx.ModelProto) -> LayerPair:
+    return pair_layer(float_model, quant_model, name)
 
 
 def evaluate_models(
@@ -256,28 +244,3 @@ def list_layers(float_model: onnx.ModelProto, quant_model: onnx.ModelProto) -> l
         else:
             rows.append(LayerRow(layer, pair, describe_parameter(quant_model, pair.quant_layer.weight), ""))
     return rows
-
-
-def _run_tapped(
-    model: onnx.ModelProto,
-    role: str,
-    names: list[str],
-    x: NDArray[np.float32],
-    batch_size: int,
-    advance: Callable[[int], None],
-) -> dict[str, NDArray[np.float32]]:
-    input_name = input_spec(model).name
-    outputs = [n for n in dict.fromkeys(names) if n != input_name]
-    session = make_session(with_outputs(model, outputs), role)
-    values = run_batched(session, x, outputs, batch_size, advance)
-    if input_name in names:  # the layer reads the graph input directly
-        values[input_name] = x.reshape(len(x), -1)
-    return values
-
-
-def _check_width(pre: NDArray, layer: DenseLayer, role: str) -> None:
-    if pre.shape[1] != layer.n_out:
-        raise UnsupportedModelError(
-            f"{role} layer '{layer.name}' output has {pre.shape[1]} values per input, expected {layer.n_out}; "
-            "only layers over [batch, features] inputs can be repaired"
-        )

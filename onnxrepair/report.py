@@ -18,7 +18,9 @@ from rich.table import Table
 
 from onnxrepair import __version__
 from onnxrepair.config import RepairConfig
+from onnxrepair.methods import LayerRepair
 from onnxrepair.repair import LayerRow, RepairResult
+from onnxrepair.search import Score
 
 
 class RichProgress:
@@ -58,63 +60,131 @@ def report_dict(
     preprocessing: str,
     output: str | None,
 ) -> dict[str, Any]:
-    """The JSON report: the documented keys first, details after."""
+    """The JSON report: the documented keys first, details after.
+
+    `neurons` and `unsolved` are lists of indices when one layer was repaired,
+    and objects {layer: indices} when several were.
+    """
     ev = result.evaluation
-    by_neuron = {s.neuron: s for s in result.solutions}
+    written = result.model is not None
+    names = list(dict.fromkeys(layer.pair.float_layer.name for layer in result.layers)) or [
+        t.layer for t in result.trials[:1]
+    ]
     return {
         "float_accuracy": ev.float_accuracy,
         "quant_accuracy": ev.quant_accuracy,
-        "repaired_accuracy": ev.repaired_accuracy,
+        "repaired_accuracy": ev.repaired_accuracy if written else None,
         "quant_agreement": ev.quant_agreement,
-        "repaired_agreement": ev.repaired_agreement,
+        "repaired_agreement": ev.repaired_agreement if written else None,
         "validation_size": ev.size,
         "repair_size": result.repair_size,
-        "layer": result.pair.float_layer.name,
+        "layer": ", ".join(names),
         "metric": config.metric.value,
-        "neurons": result.repaired_neurons,
-        "unsolved": result.unsolved,
+        "neurons": _by_layer(result, lambda layer: layer.repaired_neurons),
+        "unsolved": _by_layer(result, lambda layer: layer.unsolved),
         "solve_seconds": result.timings.solve,
         "total_seconds": result.timings.total,
-        "fixed": ev.fixed,
-        "broken": ev.broken,
-        "quant_layer": result.pair.quant_layer.name,
-        "paired_by": result.pair.paired_by,
-        "repair_failing": result.spectrum.n_failing,
+        "written": written,
+        "fixed": ev.fixed if written else None,
+        "broken": ev.broken if written else None,
         "encoding": config.solve.encoding.value,
+        "objective": config.solve.resolved_objective.value,
+        "repair_bias": config.solve.resolved_repair_bias,
         "solver": config.solve.backend.value,
-        "margin": config.solve.margin,
+        "margin": config.solve.resolved_margin,
+        "norm_weight": config.solve.norm_weight,
         "time_limit": config.solve.time_limit,
         "neurons_requested": config.neurons,
         "seed": config.seed,
         "preprocessing": preprocessing,
         "inference_seconds": result.timings.inference,
         "rewrite_seconds": result.timings.rewrite,
+        "search_seconds": result.timings.search,
         "evaluate_seconds": result.timings.evaluate,
         "inputs": inputs,
         "output": output,
         "onnxrepair_version": __version__,
+        "layers": [_layer_dict(layer) for layer in result.layers],
+        "search": None if config.search is None else _search_dict(result, config),
+    }
+
+
+def _by_layer(result: RepairResult, pick: Callable[[LayerRepair], list[int]]) -> list[int] | dict[str, list[int]]:
+    grouped: dict[str, list[int]] = {}
+    for layer in result.layers:
+        chosen = grouped.setdefault(layer.pair.float_layer.name, [])
+        chosen.extend(n for n in pick(layer) if n not in chosen)
+    if len(grouped) <= 1:
+        return next(iter(grouped.values()), [])
+    return grouped
+
+
+def _layer_dict(layer: LayerRepair) -> dict[str, Any]:
+    by_neuron = {s.neuron: s for s in layer.solutions}
+    rewrite = layer.rewrite
+    return {
+        "layer": layer.pair.float_layer.name,
+        "quant_layer": layer.pair.quant_layer.name,
+        "paired_by": layer.pair.paired_by,
+        "method": layer.method.describe(layer.pair.quant_layer.n_out),
+        "encoding": layer.method.encoding.value,
+        "metric": layer.method.metric.value,
+        "repair_failing": layer.spectrum.n_failing,
+        "solve_seconds": layer.solve_seconds,
+        "bias_reencoded": rewrite.bias_reencoded,
         "per_neuron": [
             {
                 "neuron": neuron,
-                "score": _finite(result.scores[neuron]),
+                "score": _finite(layer.scores[neuron]),
                 "status": by_neuron[neuron].status.value,
-                "max_abs_delta": by_neuron[neuron].objective,
-                "weights_changed": result.rewrite.changed.get(neuron, 0),
-                "weights_clamped": result.rewrite.clamped.get(neuron, 0),
-                "largest_delta_in_steps": result.rewrite.largest_step.get(neuron),
+                "objective": by_neuron[neuron].objective,
+                "weights_changed": rewrite.changed.get(neuron, 0),
+                "weights_clamped": rewrite.clamped.get(neuron, 0),
+                "largest_delta_in_steps": rewrite.largest_step.get(neuron),
+                "bias_delta": by_neuron[neuron].bias_delta,
+                "bias_changed": neuron in rewrite.bias_changed,
                 "solve_seconds": by_neuron[neuron].seconds,
                 "constraints": by_neuron[neuron].constraints,
                 "reason": by_neuron[neuron].reason,
             }
-            for neuron in result.selected
+            for neuron in layer.selected
         ],
     }
 
 
+def _search_dict(result: RepairResult, config: RepairConfig) -> dict[str, Any]:
+    assert config.search is not None
+    return {
+        "budget": config.search.budget,
+        "holdout_size": result.holdout_size,
+        "holdout_before": _score_dict(result.holdout_before),
+        "holdout_after": _score_dict(result.holdout_after),
+        "tried": [
+            {
+                "layer": t.layer,
+                "method": t.method,
+                "holdout_agreement": t.score.agreement if t.score else None,
+                "holdout_accuracy": t.score.accuracy if t.score else None,
+                "kept": t.accepted,
+                "seconds": t.seconds,
+                "note": t.note,
+            }
+            for t in result.trials
+        ],
+    }
+
+
+def _score_dict(score: Score | None) -> dict[str, float | None] | None:
+    return None if score is None else {"agreement": score.agreement, "accuracy": score.accuracy}
+
+
 def print_summary(console: Console, result: RepairResult, config: RepairConfig) -> None:
     """Float, quantized and repaired side by side; gains in green, losses in red."""
+    if result.trials:
+        _print_trials(console, result)
     ev = result.evaluation
-    table = Table(title=f"Validation set ({ev.size} images)", title_justify="left")
+    written = result.model is not None
+    table = Table(title=f"Validation set ({ev.size} images, never used to repair)", title_justify="left")
     table.add_column("")
     for name in ("float", "quantized", "repaired"):
         table.add_column(name, justify="right")
@@ -123,38 +193,64 @@ def print_summary(console: Console, result: RepairResult, config: RepairConfig) 
             "top-1 accuracy",
             _pct(ev.float_accuracy),
             _pct(ev.quant_accuracy),
-            _compared(ev.repaired_accuracy, ev.quant_accuracy),
+            _compared(ev.repaired_accuracy, ev.quant_accuracy) if written else "-",
         )
-    table.add_row(
-        "agreement with float", "", _pct(ev.quant_agreement), _compared(ev.repaired_agreement, ev.quant_agreement)
-    )
-    table.add_row("disagreements fixed / broken", "", "", f"{ev.fixed} / {ev.broken}")
+    repaired_agreement = _compared(ev.repaired_agreement, ev.quant_agreement) if written else "-"
+    table.add_row("agreement with float", "", _pct(ev.quant_agreement), repaired_agreement)
+    table.add_row("disagreements fixed / broken", "", "", f"{ev.fixed} / {ev.broken}" if written else "-")
     console.print(table)
-    changed = sum(result.rewrite.changed.values())
-    clamped = sum(result.rewrite.clamped.values())
-    console.print(
-        f"layer [bold]{result.pair.float_layer.name}[/], metric {config.metric.value}, "
-        f"encoding {config.solve.encoding.value}: {len(result.repaired_neurons)} of {len(result.selected)} "
-        f"neurons solved {result.repaired_neurons}, {changed} integer weights changed"
-        + (f" ({clamped} clamped to the integer range)" if clamped else "")
+    for layer in result.layers:
+        _print_layer(console, layer)
+    t = result.timings
+    stages = (
+        f"search {t.search:.1f} s, "
+        if t.search
+        else f"inference {t.inference:.1f} s, solving {t.solve:.1f} s, rewriting {t.rewrite:.2f} s, "
     )
-    if result.repaired_neurons and changed == 0:
+    console.print(f"time: {t.total:.1f} s ({stages}evaluation {t.evaluate:.1f} s)")
+
+
+def _print_layer(console: Console, layer: LayerRepair) -> None:
+    rewrite = layer.rewrite
+    changed = sum(rewrite.changed.values())
+    clamped = sum(rewrite.clamped.values())
+    bias = f", {len(rewrite.bias_changed)} biases changed" if rewrite.bias_changed else ""
+    console.print(
+        f"layer [bold]{escape(layer.pair.float_layer.name)}[/], {layer.method.describe(layer.pair.quant_layer.n_out)}: "
+        f"{len(layer.repaired_neurons)} of {len(layer.selected)} neurons solved, "
+        f"{changed} integer weights changed{bias}"
+        + (f" ({clamped} clamped to the integer range)" if clamped else "")
+        + (" (bias re-encoded with a new scale)" if rewrite.bias_reencoded else ""),
+        soft_wrap=True,
+    )
+    if layer.repaired_neurons and changed == 0 and not rewrite.bias_changed:
         console.print(
-            "  [yellow]every solved change is smaller than half a weight quantization step, so rounding "
+            "  [yellow]every solved change is smaller than half a quantization step, so rounding "
             "to the integer weights erased it[/] (largest: "
-            f"{max(result.rewrite.largest_step.values(), default=0.0):.2f} steps)"
+            f"{max(rewrite.largest_step.values(), default=0.0):.2f} steps)"
         )
     unsolved_by_reason: dict[str, list[int]] = {}
-    for solution in result.solutions:
+    for solution in layer.solutions:
         if not solution.solved:
             unsolved_by_reason.setdefault(solution.reason, []).append(solution.neuron)
     for reason, neurons in unsolved_by_reason.items():
         console.print(f"  [yellow]{len(neurons)} neuron(s) left unchanged {neurons}[/]: {escape(reason)}")
-    t = result.timings
-    console.print(
-        f"time: {t.total:.1f} s (inference {t.inference:.1f} s, solving {t.solve:.1f} s, "
-        f"rewriting {t.rewrite:.2f} s, evaluation {t.evaluate:.1f} s)"
-    )
+
+
+def _print_trials(console: Console, result: RepairResult) -> None:
+    table = Table(title=f"Search ({result.holdout_size} held-out repair images)", title_justify="left")
+    for column in ("layer", "method", "held-out agreement", "accuracy", "s", "kept"):
+        table.add_column(column, justify="right" if column not in ("layer", "method") else "left")
+    for t in result.trials:
+        table.add_row(
+            escape(t.layer),
+            escape(t.method) + (f" [dim]({escape(t.note)})[/]" if t.note else ""),
+            _pct(t.score.agreement) if t.score else "-",
+            _pct(t.score.accuracy) if t.score else "-",
+            f"{t.seconds:.1f}",
+            "[green]yes[/]" if t.accepted else "",
+        )
+    console.print(table)
 
 
 def print_layers(console: Console, rows: list[LayerRow]) -> None:

@@ -70,7 +70,17 @@ def run_batched(
 
 
 def output_name(model: onnx.ModelProto) -> str:
-    """The model's first output, taken as the class scores."""
-    if not model.graph.output:
-        raise UnsupportedModelError("the model has no outputs")
-    return model.graph.output[0].name
+    """The output that holds the class scores: the first float output.
+
+    Classifiers from skl2onnx list an int64 `label` output before the float
+    `probabilities`; torch exports have the logits first.
+
+    Raises:
+        UnsupportedModelError: the model has no float output.
+    """
+    floats = (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16)
+    for output in model.graph.output:
+        if output.type.tensor_type.elem_type in floats:
+            return output.name
+    names = [o.name for o in model.graph.output]
+    raise UnsupportedModelError(f"the model has no float output holding class scores (outputs: {names})")

@@ -1,22 +1,27 @@
-"""Per-neuron repair problems -> python-mip -> weight deltas.
+"""Repair problems -> python-mip -> weight and bias deltas.
 
-Encoding ``paper`` (QNNRepair, Section 4.2), for one neuron with incoming
-weights w (m values) and bias b, over the repair inputs x_k (rows of X, [n, m],
-the layer input as the quantized model computes it):
+Per-neuron encodings, for one neuron with incoming weights w (m values) and
+bias b, over the repair inputs x_k (rows of X, [n, m], the layer input as the
+quantized model computes it); s_k = +1 when the float model's pre-activation
+is > 0 on input k and -1 otherwise:
 
-    variables   delta_1..delta_m free,  M >= 0
-    minimise    M
-    subject to  -M <= delta_i <= M                               for all i
-                s_k * (x_k . (w + delta) + b) >= margin           for all k
+    paper     minimise  M                         (or sum |delta| with --objective l1)
+              s.t.      s_k (x_k . (w + delta) + b) >= margin           for all k
+                        |delta_i| <= M
+    soft      minimise  (1/n) sum_k slack_k + norm_weight * |change|
+              s.t.      s_k (x_k . (w + delta) + b + beta) >= margin - slack_k,  slack_k >= 0
+    integer   as soft, with delta_i = step_i * u_i and beta = step_b * u_b for
+              integers u within the stored integers' range: the model written is
+              exactly the model solved, nothing is rounded afterwards.
 
-where s_k = +1 when the float model's pre-activation is > 0 on input k and -1
-otherwise: the repaired neuron must be on exactly where the float one is, by
-at least `margin`. Written as rows A z <= rhs over z = (delta, M):
+beta, the bias change, is a variable when `repair_bias` is on. |change| is
+sum |delta_i| + |beta| (L1, through auxiliary t >= +-change) or
+max(|delta_i|, |beta|) (L-infinity, through one auxiliary M).
 
-    sign rows   -s_k x_k . delta            <= s_k (x_k . w + b) - margin
-    bound rows   delta_i - M <= 0,  -delta_i - M <= 0
-
-This module is the only one that imports a solver. It knows nothing of ONNX.
+The joint `logit` encoding for an output layer is in `logit_program`.
+Programs are dense arrays (c, A, rhs, bounds, integrality): small enough at
+these sizes, and easy to check. This module is the only one that imports a
+solver. It knows nothing of ONNX.
 """
 
 from __future__ import annotations
@@ -28,13 +33,13 @@ import os
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import mip
 import numpy as np
 from numpy.typing import NDArray
 
-from onnxrepair.config import SolveConfig, SolverBackend
+from onnxrepair.config import Encoding, Objective, SolveConfig, SolverBackend
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +62,7 @@ class NeuronProblem:
         bias: the neuron's bias as the quantized model uses it.
         inputs: [n, m] layer inputs of the repair images, as the quantized model computes them.
         float_on: [n] True where the float model's pre-activation is > 0.
+        grid: where the parameters may move in whole integer steps (needed by `integer`).
     """
 
     neuron: int
@@ -64,17 +70,77 @@ class NeuronProblem:
     bias: float
     inputs: NDArray[np.float64]
     float_on: NDArray[np.bool_]
+    grid: NeuronGrid | None = None
+
+
+@dataclass(frozen=True)
+class NeuronGrid:
+    """One neuron's integer grid: step sizes and the whole-step range that stays in the integer type.
+
+    Attributes:
+        weight_step, weight_low, weight_high: [m].
+        bias_step, bias_low, bias_high: the bias; bias_step None when the layer
+            has no bias (it then cannot be repaired), 0 when it is stored as float.
+    """
+
+    weight_step: NDArray[np.float64]
+    weight_low: NDArray[np.float64]
+    weight_high: NDArray[np.float64]
+    bias_step: float | None = None
+    bias_low: float = -np.inf
+    bias_high: float = np.inf
+
+
+@dataclass(frozen=True)
+class LogitProblem:
+    """The output layer's repair over class scores, jointly for the selected neurons (classes).
+
+    Attributes:
+        neurons: the selected classes, whose weights and biases may change.
+        weights: [classes, m] all classes' weights as the quantized model uses them.
+        bias: [classes].
+        inputs: [n, m] layer inputs as the quantized model computes them.
+        targets: [n] the class that must win on each input (the float model's top-1).
+        grids: per selected neuron, its grid (for the bias variable and steps).
+    """
+
+    neurons: list[int]
+    weights: NDArray[np.float64]
+    bias: NDArray[np.float64]
+    inputs: NDArray[np.float64]
+    targets: NDArray[np.int64]
+    grids: list[NeuronGrid | None] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
 class LinearProgram:
-    """minimise c.z subject to A z <= rhs and lower <= z <= upper (dense arrays)."""
+    """minimise c.z subject to A z <= rhs and lower <= z <= upper (dense arrays).
+
+    Attributes:
+        integer: [v] True for variables that must take whole values (empty: none).
+    """
 
     c: NDArray[np.float64]  # [v]
     a: NDArray[np.float64]  # [rows, v]
     rhs: NDArray[np.float64]  # [rows]
     lower: NDArray[np.float64]  # [v], -inf for free
     upper: NDArray[np.float64]  # [v], +inf for free
+    integer: NDArray[np.bool_] = field(default_factory=lambda: np.zeros(0, dtype=bool))
+
+
+@dataclass(frozen=True)
+class ParameterBlock:
+    """Where one neuron's parameters sit in z: delta = weight_scale * z[weights], beta = bias_scale * z[bias]."""
+
+    weights: slice
+    weight_scale: NDArray[np.float64]  # [m]
+    bias: int | None
+    bias_scale: float
+
+    def unpack(self, z: NDArray[np.float64]) -> tuple[NDArray[np.float64], float]:
+        delta = self.weight_scale * z[self.weights]
+        beta = 0.0 if self.bias is None else self.bias_scale * float(z[self.bias])
+        return delta, beta
 
 
 @dataclass(frozen=True)
@@ -92,6 +158,7 @@ class NeuronSolution:
     seconds: float
     constraints: int
     reason: str = ""
+    bias_delta: float = 0.0
 
     @property
     def solved(self) -> bool:
@@ -99,42 +166,208 @@ class NeuronSolution:
 
 
 def paper_program(problem: NeuronProblem, margin: float) -> LinearProgram:
-    """The paper's L-infinity LP for one neuron (see the module docstring)."""
+    """The paper's L-infinity LP for one neuron, z = (delta, M) (see the module docstring)."""
+    program, _ = neuron_program(problem, Encoding.PAPER, Objective.LINF, repair_bias=False, margin=margin)
+    return program
+
+
+def neuron_program(
+    problem: NeuronProblem,
+    encoding: Encoding,
+    objective: Objective,
+    repair_bias: bool,
+    margin: float,
+    norm_weight: float = 0.01,
+) -> tuple[LinearProgram, ParameterBlock]:
+    """One neuron's program under `encoding` (paper, soft or integer), and where its parameters sit in z.
+
+    z = (u [m], u_b [1 if the bias is a variable], norm auxiliaries, slack [n if soft]).
+    """
     x, w = problem.inputs, problem.weights
     n, m = x.shape
+    grid = problem.grid
+    integer = encoding is Encoding.INTEGER
+    if integer and grid is None:
+        raise ValueError("the integer encoding needs the neuron's grid")
+    has_bias = repair_bias and (grid is None or grid.bias_step is not None)  # a layer without bias keeps none
+    w_scale = grid.weight_step if integer and grid is not None else np.ones(m)
+    b_scale = float(grid.bias_step) if integer and grid is not None and grid.bias_step else 1.0
+    n_params = m + int(has_bias)
+    param_scale = np.append(w_scale, b_scale) if has_bias else w_scale  # change = param_scale * u
+    n_aux = n_params if objective is Objective.L1 else 1
+    n_slack = n if encoding.soft else 0
+    aux0, slack0 = n_params, n_params + n_aux
+    v = slack0 + n_slack
+
     sign = np.where(problem.float_on, 1.0, -1.0)  # s_k, [n]
-    sign_rows = np.hstack([-sign[:, None] * x, np.zeros((n, 1))])  # [n, m+1]
-    sign_rhs = sign * (x @ w + problem.bias) - margin  # [n]
-    eye = np.eye(m)
-    minus_m = -np.ones((m, 1))
-    bound_rows = np.vstack([np.hstack([eye, minus_m]), np.hstack([-eye, minus_m])])  # [2m, m+1]
-    c = np.zeros(m + 1)
-    c[m] = 1.0
-    lower = np.full(m + 1, -np.inf)
-    lower[m] = 0.0
-    return LinearProgram(
+    # sign rows: -s_k (x_k * w_scale) . u - s_k b_scale u_b - slack_k <= s_k (x_k . w + b) - margin
+    sign_rows = np.zeros((n, v))
+    sign_rows[:, :m] = -sign[:, None] * x * w_scale
+    if has_bias:
+        sign_rows[:, m] = -sign * b_scale
+    if n_slack:
+        sign_rows[:, slack0:] = -np.eye(n)
+    sign_rhs = sign * (x @ w + problem.bias) - margin
+    # norm rows: +-param_scale_i u_i - t_i <= 0 (L1), or +-param_scale_i u_i - M <= 0 (L-infinity)
+    norm_rows = np.zeros((2 * n_params, v))
+    for row_block, direction in ((norm_rows[:n_params], 1.0), (norm_rows[n_params:], -1.0)):
+        row_block[:, :n_params] = direction * np.diag(param_scale)
+        if objective is Objective.L1:
+            row_block[:, aux0 : aux0 + n_aux] = -np.eye(n_params)
+        else:
+            row_block[:, aux0] = -1.0
+
+    c = np.zeros(v)
+    c[aux0 : aux0 + n_aux] = norm_weight if n_slack else 1.0
+    c[slack0:] = 1.0 / n if n else 0.0
+    lower = np.full(v, -np.inf)
+    upper = np.full(v, np.inf)
+    lower[aux0:] = 0.0
+    integrality = np.zeros(v, dtype=bool)
+    if integer and grid is not None:
+        lower[:m], upper[:m] = grid.weight_low, grid.weight_high
+        integrality[:m] = True
+        if has_bias and grid.bias_step:
+            lower[m], upper[m] = grid.bias_low, grid.bias_high
+            integrality[m] = True
+    program = LinearProgram(
         c=c,
-        a=np.vstack([sign_rows, bound_rows]),
-        rhs=np.concatenate([sign_rhs, np.zeros(2 * m)]),
+        a=np.vstack([sign_rows, norm_rows]),
+        rhs=np.concatenate([sign_rhs, np.zeros(2 * n_params)]),
         lower=lower,
-        upper=np.full(m + 1, np.inf),
+        upper=upper,
+        integer=integrality,
     )
+    return program, ParameterBlock(slice(0, m), w_scale, m if has_bias else None, b_scale)
 
 
 def solve_neuron(problem: NeuronProblem, config: SolveConfig) -> NeuronSolution:
     """Build and solve the neuron's program; every failure comes back as a status with a reason."""
     start = time.perf_counter()
-    program = paper_program(problem, config.margin)
-    m = len(problem.weights)
+    program, block = neuron_program(
+        problem,
+        config.encoding,
+        config.resolved_objective,
+        config.resolved_repair_bias,
+        config.resolved_margin,
+        config.norm_weight,
+    )
     status, z, objective = solve_program(program, config.backend, config.time_limit)
     seconds = time.perf_counter() - start
-    delta = None if z is None else z[:m]
-    reason = {
-        SolveStatus.INFEASIBLE: "no weight change makes the neuron's sign match the float model on every repair input",
-        SolveStatus.TIME_LIMIT: f"no solution within the time limit of {config.time_limit:g} s",
-        SolveStatus.ERROR: "the solver reported an error",
-    }.get(status, "")
-    return NeuronSolution(problem.neuron, status, delta, objective, seconds, len(program.rhs), reason)
+    if z is None:
+        return NeuronSolution(problem.neuron, status, None, None, seconds, len(program.rhs), _REASONS[status](config))
+    delta, beta = block.unpack(z)
+    return NeuronSolution(problem.neuron, status, delta, objective, seconds, len(program.rhs), "", beta)
+
+
+def logit_program(
+    problem: LogitProblem,
+    objective: Objective,
+    repair_bias: bool,
+    margin: float,
+    norm_weight: float,
+) -> tuple[LinearProgram, list[ParameterBlock]]:
+    """The joint class-score program for an output layer.
+
+    For every input k with target class t_k and every other class c, where t_k
+    or c is selected (otherwise the row cannot change):
+
+        z_t(k) - z_c(k) >= margin - slack_k,     z_c(k) = x_k . (w_c + delta_c) + b_c + beta_c
+
+    minimise (1/n) sum_k slack_k + norm_weight * |change|, the change summed
+    over the selected classes. z = (per selected class: delta [m], beta [1 if
+    bias]; norm auxiliaries; slack [n]).
+    """
+    x = problem.inputs
+    n, m = x.shape
+    classes = problem.weights.shape[0]
+    selected = {neuron: i for i, neuron in enumerate(problem.neurons)}
+    per_class = m + int(repair_bias)
+    n_params = per_class * len(selected)
+    n_aux = n_params if objective is Objective.L1 else 1
+    aux0, slack0 = n_params, n_params + n_aux
+    v = slack0 + n
+    base = x @ problem.weights.T + problem.bias  # [n, classes] the quantized scores, linear model
+
+    def add_class(row: NDArray[np.float64], neuron: int, sign: float) -> None:
+        start = selected[neuron] * per_class
+        row[start : start + m] += sign * x_row
+        if repair_bias:
+            row[start + m] += sign
+
+    rows, rhs = [], []
+    for k in range(n):
+        target = int(problem.targets[k])
+        x_row = x[k]
+        for other in range(classes):
+            if other == target or (other not in selected and target not in selected):
+                continue
+            # -(z_t - z_c) changes - slack_k <= (base_t - base_c) - margin
+            row = np.zeros(v)
+            if target in selected:
+                add_class(row, target, -1.0)
+            if other in selected:
+                add_class(row, other, 1.0)
+            row[slack0 + k] = -1.0
+            rows.append(row)
+            rhs.append(base[k, target] - base[k, other] - margin)
+    norm_rows = np.zeros((2 * n_params, v))
+    for row_block, direction in ((norm_rows[:n_params], 1.0), (norm_rows[n_params:], -1.0)):
+        row_block[:, :n_params] = direction * np.eye(n_params)
+        if objective is Objective.L1:
+            row_block[:, aux0 : aux0 + n_aux] = -np.eye(n_params)
+        else:
+            row_block[:, aux0] = -1.0
+    c = np.zeros(v)
+    c[aux0 : aux0 + n_aux] = norm_weight
+    c[slack0:] = 1.0 / n
+    lower = np.full(v, -np.inf)
+    lower[aux0:] = 0.0
+    program = LinearProgram(
+        c=c,
+        a=np.vstack([np.array(rows).reshape(-1, v), norm_rows]),
+        rhs=np.concatenate([np.asarray(rhs, dtype=np.float64), np.zeros(2 * n_params)]),
+        lower=lower,
+        upper=np.full(v, np.inf),
+    )
+    blocks = [
+        ParameterBlock(
+            slice(i * per_class, i * per_class + m), np.ones(m), i * per_class + m if repair_bias else None, 1.0
+        )
+        for i in range(len(selected))
+    ]
+    return program, blocks
+
+
+def solve_logit(problem: LogitProblem, config: SolveConfig) -> list[NeuronSolution]:
+    """Solve the joint class-score program; one NeuronSolution per selected class (sharing status and time)."""
+    start = time.perf_counter()
+    program, blocks = logit_program(
+        problem, config.resolved_objective, config.resolved_repair_bias, config.resolved_margin, config.norm_weight
+    )
+    status, z, objective = solve_program(program, config.backend, config.time_limit)
+    seconds = time.perf_counter() - start
+    solutions = []
+    for neuron, block in zip(problem.neurons, blocks, strict=True):
+        if z is None:
+            solutions.append(
+                NeuronSolution(neuron, status, None, None, seconds, len(program.rhs), _REASONS[status](config))
+            )
+        else:
+            delta, beta = block.unpack(z)
+            solutions.append(NeuronSolution(neuron, status, delta, objective, seconds, len(program.rhs), "", beta))
+    return solutions
+
+
+_REASONS = {
+    SolveStatus.INFEASIBLE: lambda config: (
+        "no weight change makes the neuron's sign match the float model on every repair input"
+    ),
+    SolveStatus.TIME_LIMIT: lambda config: f"no solution within the time limit of {config.time_limit:g} s",
+    SolveStatus.ERROR: lambda config: "the solver reported an error",
+    SolveStatus.OPTIMAL: lambda config: "",
+    SolveStatus.FEASIBLE: lambda config: "",
+}
 
 
 def solve_program(
@@ -144,9 +377,12 @@ def solve_program(
     model = mip.Model(sense=mip.MINIMIZE, solver_name=_MIP_NAMES[backend])
     model.verbose = 0
     model.threads = 1
+    integer = program.integer if len(program.integer) else np.zeros(len(program.c), dtype=bool)
     variables = [
-        model.add_var(lb=_mip_bound(lo, -mip.INF), ub=_mip_bound(hi, mip.INF))
-        for lo, hi in zip(program.lower, program.upper, strict=True)
+        model.add_var(
+            lb=_mip_bound(lo, -mip.INF), ub=_mip_bound(hi, mip.INF), var_type=mip.INTEGER if whole else mip.CONTINUOUS
+        )
+        for lo, hi, whole in zip(program.lower, program.upper, integer, strict=True)
     ]
     model.objective = mip.LinExpr(
         variables=[variables[i] for i in np.flatnonzero(program.c)],
@@ -161,6 +397,7 @@ def solve_program(
     status = _STATUS.get(result, SolveStatus.ERROR)
     if status in (SolveStatus.OPTIMAL, SolveStatus.FEASIBLE):
         z = np.array([v.x for v in variables], dtype=np.float64)
+        z[integer] = np.round(z[integer])  # solvers return whole values up to a tolerance
         return status, z, float(model.objective_value)
     if result == mip.OptimizationStatus.NO_SOLUTION_FOUND:
         return SolveStatus.TIME_LIMIT, None, None

@@ -202,7 +202,7 @@ def test_random_metric_is_seeded(digits: DigitsExample, tmp_path: Path, capsys: 
         run = fix(digits, folder, capsys, *options)
         assert run.code == 0, run.stderr
         assert run.report["metric"] == "random"
-        orders[name] = [entry["neuron"] for entry in run.report["per_neuron"]]
+        orders[name] = [entry["neuron"] for entry in run.report["layers"][0]["per_neuron"]]
         assert len(orders[name]) == 6 and all(0 <= n < 24 for n in orders[name])
     assert orders["a"] == orders["b"]
     assert orders["a"] != orders["c"]

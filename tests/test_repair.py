@@ -15,7 +15,9 @@ from onnxrepair.data import ImageSet
 from onnxrepair.errors import ModelPairingError
 from onnxrepair.graph import dense_parameters, initializers, pair_layer
 from onnxrepair.localize import rank_neurons
-from onnxrepair.repair import NoProgress, list_layers, read_layer_activity, repair
+from onnxrepair.methods import read_layer_activity
+from onnxrepair.progress import NoProgress
+from onnxrepair.repair import list_layers, repair
 from onnxrepair.report import report_dict
 from onnxrepair.spectrum import activation_flips
 
@@ -40,33 +42,36 @@ def test_repair_result_is_consistent(
     quant_model = onnx.load(str(digits.quant_path))
     quant_bytes = quant_model.SerializeToString()
     repair_set, val_set = sets
-    config = RepairConfig(layer=layer, metric=metric, neurons=neurons)
+    config = RepairConfig(layers=(layer,) if layer else (), metric=metric, neurons=neurons)
     result = repair(float_model, quant_model, repair_set, val_set, config)
 
     assert quant_model.SerializeToString() == quant_bytes
+    assert result.model is not None
     check_full(result.model)
-    n_out = result.pair.quant_layer.n_out
-    assert len(result.selected) == min(neurons, n_out)  # asking for more neurons than exist takes them all
-    assert result.selected == rank_neurons(result.scores)[: len(result.selected)].tolist()
-    assert [s.neuron for s in result.solutions] == result.selected
-    assert sorted(result.repaired_neurons + result.unsolved) == sorted(result.selected)
-    assert result.spectrum.n_failing + result.spectrum.n_passing == len(repair_set) == result.repair_size
+    assert len(result.layers) == 1
+    outcome = result.layers[0]
+    n_out = outcome.pair.quant_layer.n_out
+    assert len(outcome.selected) == min(neurons, n_out)  # asking for more neurons than exist takes them all
+    assert outcome.selected == rank_neurons(outcome.scores)[: len(outcome.selected)].tolist()
+    assert [s.neuron for s in outcome.solutions] == outcome.selected
+    assert sorted(outcome.repaired_neurons + outcome.unsolved) == sorted(outcome.selected)
+    assert outcome.spectrum.n_failing + outcome.spectrum.n_passing == len(repair_set) == result.repair_size
     assert result.evaluation.size == len(val_set)
-    assert set(result.rewrite.changed) == set(result.repaired_neurons)
-    for solution in result.solutions:
+    assert set(outcome.rewrite.changed) == set(outcome.repaired_neurons)
+    for solution in outcome.solutions:
         assert solution.solved == (solution.weight_delta is not None)
         assert solution.solved or solution.reason
 
     # Integer weights of unselected neurons are untouched; every changed row belongs to a repaired neuron.
-    w_before, b_before = dense_parameters(quant_model, result.pair.quant_layer)
-    w_after, b_after = dense_parameters(result.model, result.pair.quant_layer)
+    w_before, b_before = dense_parameters(quant_model, outcome.pair.quant_layer)
+    w_after, b_after = dense_parameters(result.model, outcome.pair.quant_layer)
     changed_rows = set(np.flatnonzero(np.any(w_before != w_after, axis=1)).tolist())
-    assert changed_rows <= set(result.repaired_neurons)
-    assert sum(result.rewrite.changed.values()) == int(np.count_nonzero(w_before != w_after))
-    np.testing.assert_array_equal(b_before, b_after)
+    assert changed_rows <= set(outcome.repaired_neurons)
+    assert sum(outcome.rewrite.changed.values()) == int(np.count_nonzero(w_before != w_after))
+    np.testing.assert_array_equal(b_before, b_after)  # the paper's encoding leaves biases alone
 
     report = report_dict(result, config, inputs={}, preprocessing="test", output=None)
-    assert report["neurons"] == result.repaired_neurons and report["unsolved"] == result.unsolved
+    assert report["neurons"] == outcome.repaired_neurons and report["unsolved"] == outcome.unsolved
     json.dumps(report, allow_nan=False)
 
 
@@ -79,22 +84,26 @@ def test_nothing_to_fix_changes_nothing(digits: DigitsExample) -> None:
     activity = read_layer_activity(float_model, quant_model, pair, digits.x, 256, NoProgress())
     w, b = dense_parameters(quant_model, pair.quant_layer)
     lp_pre = activity.quant_inputs.astype(np.float64) @ w.T + b  # what the LP sees
-    margin = SolveConfig().margin
+    margin = SolveConfig().resolved_margin
     agree = ~activation_flips(activity.float_pre, lp_pre).any(axis=1) & (np.abs(lp_pre).min(axis=1) > 2 * margin)
     assert agree.sum() > 100
     chosen = np.flatnonzero(agree)[:200]
     clean = image_set(digits.x[chosen], digits.y[chosen])
     result = repair(float_model, quant_model, clean, clean, RepairConfig(neurons=10))
-    assert result.spectrum.af.sum() + result.spectrum.as_.sum() == 0
-    assert all(s.solved and s.objective == pytest.approx(0.0, abs=1e-9) for s in result.solutions)
-    assert all(v == 0 for v in result.rewrite.changed.values())
+    outcome = result.layers[0]
+    assert result.model is not None
+    assert outcome.spectrum.af.sum() + outcome.spectrum.as_.sum() == 0
+    assert all(s.solved and s.objective == pytest.approx(0.0, abs=1e-9) for s in outcome.solutions)
+    assert all(v == 0 for v in outcome.rewrite.changed.values())
     assert initializers(result.model) == initializers(quant_model)
     assert result.evaluation.fixed == result.evaluation.broken == 0
 
 
 def test_unknown_layer_raises(digits: DigitsExample, sets: tuple[ImageSet, ImageSet]) -> None:
     with pytest.raises(ModelPairingError, match="nope"):
-        repair(onnx.load(str(digits.float_path)), onnx.load(str(digits.quant_path)), *sets, RepairConfig(layer="nope"))
+        repair(
+            onnx.load(str(digits.float_path)), onnx.load(str(digits.quant_path)), *sets, RepairConfig(layers=("nope",))
+        )
 
 
 def test_list_layers(digits: DigitsExample) -> None:
@@ -107,9 +116,12 @@ def test_report_has_no_infinity(digits: DigitsExample, sets: tuple[ImageSet, Ima
     # DStar scores +inf for some neurons; JSON has no infinity, so the report writes null.
     config = RepairConfig(neurons=2)
     result = repair(onnx.load(str(digits.float_path)), onnx.load(str(digits.quant_path)), *sets, config)
-    scores = result.scores.copy()
-    scores[result.selected[0]] = np.inf
-    report = report_dict(dataclasses.replace(result, scores=scores), config, inputs={}, preprocessing="", output=None)
-    assert report["per_neuron"][0]["score"] is None
-    assert report["per_neuron"][1]["score"] == pytest.approx(scores[result.selected[1]])
+    outcome = result.layers[0]
+    scores = outcome.scores.copy()
+    scores[outcome.selected[0]] = np.inf
+    changed = dataclasses.replace(result, layers=[dataclasses.replace(outcome, scores=scores)])
+    report = report_dict(changed, config, inputs={}, preprocessing="", output=None)
+    per_neuron = report["layers"][0]["per_neuron"]
+    assert per_neuron[0]["score"] is None
+    assert per_neuron[1]["score"] == pytest.approx(scores[outcome.selected[1]])
     json.dumps(report, allow_nan=False)

@@ -15,7 +15,7 @@ from onnx import helper, numpy_helper
 
 from onnxrepair.errors import UnsupportedModelError
 from onnxrepair.graph import DenseLayer, QuantizedTensor, find_dense_layers, initializers, pair_layer
-from onnxrepair.rewrite import apply_weight_deltas
+from onnxrepair.rewrite import apply_deltas
 
 # variant -> the float-model name of the layer to patch (None: the last one)
 CASES = {
@@ -84,7 +84,7 @@ def test_whole_step_deltas_change_only_the_selected_neurons(quant_variants: dict
     # A delta of k whole quantization steps of that neuron's scale must become exactly +k in the integers.
     deltas = {n: steps[n] * scale[n] for n in selected}
 
-    repaired, stats = apply_weight_deltas(model, layer, deltas)
+    repaired, stats = apply_deltas(model, layer, deltas)
 
     assert model.SerializeToString() == original_bytes, "the input model was modified"
     check_full(repaired)
@@ -135,7 +135,7 @@ def test_huge_deltas_are_clamped_not_wrapped(quant_variants: dict[str, QuantVari
     else:
         assert (lo, hi) == (-128, 127)
     up = np.full(layer.n_in, 1e6)
-    repaired, stats = apply_weight_deltas(model, layer, {0: up, 2: -up})
+    repaired, stats = apply_deltas(model, layer, {0: up, 2: -up})
     check_full(repaired)
     q_new, _, _ = weights(repaired, layer)
     # Wrapping (+256, or +16 for int4) would leave small or negative values here.
@@ -152,7 +152,7 @@ def test_sub_step_deltas_round_away(quant_variants: dict[str, QuantVariant]) -> 
     # 0.4 of a step rounds back to the same integer: nothing changes, and the stats say why.
     model, layer = load_case(quant_variants["digits-int8"], None)
     q, scale, _ = weights(model, layer)
-    repaired, stats = apply_weight_deltas(model, layer, {4: np.full(layer.n_in, 0.4 * scale[4])})
+    repaired, stats = apply_deltas(model, layer, {4: np.full(layer.n_in, 0.4 * scale[4])})
     np.testing.assert_array_equal(weights(repaired, layer)[0], q)
     assert stats.changed == {4: 0} and stats.clamped == {4: 0}
     assert stats.largest_step[4] == pytest.approx(0.4)
@@ -160,7 +160,7 @@ def test_sub_step_deltas_round_away(quant_variants: dict[str, QuantVariant]) -> 
 
 def test_no_deltas_change_nothing(quant_model: onnx.ModelProto) -> None:
     layer = find_dense_layers(quant_model)[-1]
-    repaired, stats = apply_weight_deltas(quant_model, layer, {})
+    repaired, stats = apply_deltas(quant_model, layer, {})
     assert repaired is not quant_model
     assert repaired.SerializeToString() == quant_model.SerializeToString()
     assert stats.changed == {} and stats.clamped == {}
@@ -168,7 +168,7 @@ def test_no_deltas_change_nothing(quant_model: onnx.ModelProto) -> None:
 
 def test_zero_delta_changes_nothing(quant_model: onnx.ModelProto) -> None:
     layer = find_dense_layers(quant_model)[-1]
-    repaired, stats = apply_weight_deltas(quant_model, layer, {n: np.zeros(layer.n_in) for n in range(layer.n_out)})
+    repaired, stats = apply_deltas(quant_model, layer, {n: np.zeros(layer.n_in) for n in range(layer.n_out)})
     assert initializers(repaired) == initializers(quant_model)
     assert all(v == 0 for v in stats.changed.values())
 
@@ -176,7 +176,7 @@ def test_zero_delta_changes_nothing(quant_model: onnx.ModelProto) -> None:
 def test_float_weights_are_refused(float_model: onnx.ModelProto) -> None:
     layer = find_dense_layers(float_model)[-1]
     with pytest.raises(UnsupportedModelError, match="not quantized"):
-        apply_weight_deltas(float_model, layer, {0: np.ones(layer.n_in)})
+        apply_deltas(float_model, layer, {0: np.ones(layer.n_in)})
 
 
 def test_shared_weight_initializer_is_refused(quant_model: onnx.ModelProto) -> None:
@@ -191,7 +191,7 @@ def test_shared_weight_initializer_is_refused(quant_model: onnx.ModelProto) -> N
     )
     quant_model.graph.node.append(extra)
     with pytest.raises(UnsupportedModelError, match=layer.weight.quantized):
-        apply_weight_deltas(quant_model, layer, {0: np.ones(layer.n_in)})
+        apply_deltas(quant_model, layer, {0: np.ones(layer.n_in)})
 
 
 def test_unnamed_dequantize_node_is_rewritten(quant_model: onnx.ModelProto) -> None:
@@ -201,7 +201,7 @@ def test_unnamed_dequantize_node_is_rewritten(quant_model: onnx.ModelProto) -> N
     check_full(quant_model)
     layer = find_dense_layers(quant_model)[-1]
     q, scale, _ = weights(quant_model, layer)
-    repaired, stats = apply_weight_deltas(quant_model, layer, {0: np.full(layer.n_in, -scale[0])})
+    repaired, stats = apply_deltas(quant_model, layer, {0: np.full(layer.n_in, -scale[0])})
     lo, _ = integer_range(initializers(quant_model)["fc2.weight_quantized"])
     np.testing.assert_array_equal(weights(repaired, layer)[0][0], np.maximum(q[0] - 1, lo))
 
@@ -232,7 +232,7 @@ def test_rewrite_property(property_cases: list[tuple[onnx.ModelProto, DenseLayer
         )
         steps[n] = k
         deltas[n] = (k + frac) * scale[n]
-    repaired, stats = apply_weight_deltas(model, layer, deltas)
+    repaired, stats = apply_deltas(model, layer, deltas)
     assert model.SerializeToString() == before
     q_new, _, _ = weights(repaired, layer)
     assert lo <= q_new.min() and q_new.max() <= hi
@@ -250,7 +250,7 @@ def test_rewrite_property(property_cases: list[tuple[onnx.ModelProto, DenseLayer
 def test_repaired_model_object_is_independent(quant_model: onnx.ModelProto) -> None:
     # Changing the result afterwards must not reach back into the input (a deep copy, not a view).
     layer = find_dense_layers(quant_model)[-1]
-    repaired, _ = apply_weight_deltas(quant_model, layer, {})
+    repaired, _ = apply_deltas(quant_model, layer, {})
     before = quant_model.SerializeToString()
     repaired.graph.node[0].name = "changed"
     del repaired.graph.initializer[:]

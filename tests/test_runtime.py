@@ -50,5 +50,12 @@ def test_run_batched_wraps_shape_errors(float_model: onnx.ModelProto) -> None:
 def test_output_name(float_model: onnx.ModelProto) -> None:
     assert output_name(float_model) == "logits"
     del float_model.graph.output[:]
-    with pytest.raises(UnsupportedModelError, match="no outputs"):
+    with pytest.raises(UnsupportedModelError, match="no float output"):
         output_name(float_model)
+
+
+def test_output_name_skips_integer_labels(float_model: onnx.ModelProto) -> None:
+    # skl2onnx classifiers list an int64 label output before the float probabilities.
+    label = onnx.helper.make_tensor_value_info("label", onnx.TensorProto.INT64, ["N"])
+    float_model.graph.output.insert(0, label)
+    assert output_name(float_model) == "logits"

@@ -8,7 +8,8 @@ import pytest
 from conftest import DigitsExample, run_model
 
 from onnxrepair.graph import dense_parameters, initializers, pair_layer
-from onnxrepair.repair import NoProgress, read_layer_activity
+from onnxrepair.methods import read_layer_activity
+from onnxrepair.progress import NoProgress
 from onnxrepair.spectrum import activation_flips, collect_spectrum, failing_mask
 
 

@@ -1,0 +1,278 @@
+"""One repair method applied once to one layer: read spectra, rank, solve, rewrite.
+
+A method is an encoding (solve.py), a metric and a number of neurons. The
+``bias-correction`` method needs no solver: each neuron's bias moves by the
+mean float-minus-quantized pre-activation over the repair inputs (empirical
+bias correction, as AIMET does), which removes the average error a quantized
+layer adds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from numpy.typing import NDArray
+
+from onnxrepair.config import Encoding, Metric, SolveConfig
+from onnxrepair.errors import UnsupportedModelError
+from onnxrepair.graph import (
+    DenseLayer,
+    LayerGrid,
+    LayerPair,
+    dense_parameters,
+    input_spec,
+    layer_grid,
+    with_outputs,
+)
+from onnxrepair.localize import rank_neurons, suspiciousness
+from onnxrepair.progress import NoProgress, Progress
+from onnxrepair.rewrite import RewriteStats, apply_deltas
+from onnxrepair.runtime import make_session, output_name, run_batched
+from onnxrepair.solve import (
+    LogitProblem,
+    NeuronGrid,
+    NeuronProblem,
+    NeuronSolution,
+    SolveStatus,
+    solve_logit,
+    solve_neuron,
+)
+from onnxrepair.spectrum import Spectrum, activation_flips, collect_spectrum, failing_mask
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Method:
+    """One repair configuration: encoding, ranking metric and number of neurons."""
+
+    encoding: Encoding
+    metric: Metric = Metric.EUCLID
+    neurons: int = 10
+
+    def describe(self, n_out: int | None = None) -> str:
+        if self.encoding is Encoding.BIAS_CORRECTION:
+            return "bias-correction (all neurons)"
+        n = "all" if n_out is not None and self.neurons >= n_out else str(self.neurons)
+        return f"{self.encoding.value}, {self.metric.value}, N={n}"
+
+
+@dataclass(frozen=True)
+class LayerActivity:
+    """What the repair inputs show about one layer, read from both models."""
+
+    float_scores: NDArray[np.float32]  # [n, classes]
+    quant_scores: NDArray[np.float32]
+    float_pre: NDArray[np.float32]  # [n, neurons] pre-activation
+    quant_pre: NDArray[np.float32]
+    quant_inputs: NDArray[np.float32]  # [n, n_in] the layer input in the quantized model
+
+    def is_output_layer(self) -> bool:
+        """The layer's outputs are the class scores (up to a monotone map such as Softmax)."""
+        if self.float_pre.shape[1] != self.float_scores.shape[1]:
+            return False
+        same = np.argmax(self.float_pre, axis=1) == np.argmax(self.float_scores, axis=1)
+        return bool(np.mean(same) >= 0.99)
+
+
+@dataclass(frozen=True)
+class LayerRepair:
+    """What one method did to one layer.
+
+    Attributes:
+        selected: the neurons given to the solver, most suspicious first.
+        solutions: one per selected neuron, solved or not, in the same order.
+    """
+
+    pair: LayerPair
+    method: Method
+    spectrum: Spectrum
+    scores: NDArray[np.float64]
+    selected: list[int]
+    solutions: list[NeuronSolution]
+    rewrite: RewriteStats
+    solve_seconds: float
+
+    @property
+    def repaired_neurons(self) -> list[int]:
+        return [s.neuron for s in self.solutions if s.solved]
+
+    @property
+    def unsolved(self) -> list[int]:
+        return [s.neuron for s in self.solutions if not s.solved]
+
+
+def read_layer_activity(
+    float_model: onnx.ModelProto,
+    quant_model: onnx.ModelProto,
+    pair: LayerPair,
+    x: NDArray[np.float32],
+    batch_size: int,
+    progress: Progress | None = None,
+) -> LayerActivity:
+    """Run tapped copies of both models that also output the layer's input and pre-activation."""
+    progress = progress or NoProgress()
+    f_layer, q_layer = pair.float_layer, pair.quant_layer
+    f_out, q_out = output_name(float_model), output_name(quant_model)
+    with progress.task("reading spectra", 2 * len(x)) as advance:
+        f = _run_tapped(float_model, "FLOAT", [f_out, f_layer.output_tensor], x, batch_size, advance)
+        q = _run_tapped(
+            quant_model, "QUANT", [q_out, q_layer.input_tensor, q_layer.output_tensor], x, batch_size, advance
+        )
+    _check_width(f[f_layer.output_tensor], f_layer, "FLOAT")
+    _check_width(q[q_layer.output_tensor], q_layer, "QUANT")
+    return LayerActivity(
+        float_scores=f[f_out],
+        quant_scores=q[q_out],
+        float_pre=f[f_layer.output_tensor],
+        quant_pre=q[q_layer.output_tensor],
+        quant_inputs=q[q_layer.input_tensor],
+    )
+
+
+def repair_layer(
+    quant_model: onnx.ModelProto,
+    pair: LayerPair,
+    activity: LayerActivity,
+    method: Method,
+    solve_config: SolveConfig,
+    seed: int = 0,
+    progress: Progress | None = None,
+    deadline: float | None = None,
+) -> tuple[onnx.ModelProto, LayerRepair]:
+    """Apply `method` to the layer of `quant_model` and return the patched copy.
+
+    Args:
+        deadline: a time.perf_counter() value; neurons not started by then are
+            left unchanged with that reason (the search's budget).
+
+    Raises:
+        UnsupportedModelError: `logit` on a layer that is not the output layer,
+            or bias correction on a layer without bias.
+    """
+    progress = progress or NoProgress()
+    failing = failing_mask(activity.float_scores, activity.quant_scores)
+    spectrum = collect_spectrum(failing, activation_flips(activity.float_pre, activity.quant_pre))
+    scores = suspiciousness(spectrum, method.metric, seed)
+    layer = pair.quant_layer
+    config = dataclasses.replace(solve_config, encoding=method.encoding)
+    started = time.perf_counter()
+    if method.encoding is Encoding.BIAS_CORRECTION:
+        selected = list(range(layer.n_out))
+        solutions = _bias_correction(layer, activity)
+    else:
+        selected = [int(i) for i in rank_neurons(scores)[: method.neurons]]
+        solutions = _solve(quant_model, pair, activity, selected, config, progress, deadline)
+    solve_seconds = time.perf_counter() - started
+    deltas = {s.neuron: s.weight_delta for s in solutions if s.weight_delta is not None}
+    bias_deltas = {s.neuron: s.bias_delta for s in solutions if s.weight_delta is not None}
+    repaired, stats = apply_deltas(quant_model, layer, deltas, bias_deltas)
+    onnx.checker.check_model(repaired)
+    return repaired, LayerRepair(pair, method, spectrum, scores, selected, solutions, stats, solve_seconds)
+
+
+def _solve(
+    quant_model: onnx.ModelProto,
+    pair: LayerPair,
+    activity: LayerActivity,
+    selected: list[int],
+    config: SolveConfig,
+    progress: Progress,
+    deadline: float | None,
+) -> list[NeuronSolution]:
+    layer = pair.quant_layer
+    weights, bias = dense_parameters(quant_model, layer)
+    grid = layer_grid(quant_model, layer)
+    grids = [_neuron_grid(grid, j) for j in range(layer.n_out)]
+    inputs = activity.quant_inputs.astype(np.float64)
+    if config.encoding is Encoding.LOGIT:
+        if not activity.is_output_layer():
+            raise UnsupportedModelError(
+                f"--encoding logit repairs the output layer only, and '{pair.float_layer.name}' does not give "
+                "the class scores; pick the last layer or another encoding"
+            )
+        targets = np.argmax(activity.float_scores, axis=1).astype(np.int64)
+        joint = LogitProblem(selected, weights, bias, inputs, targets, [grids[j] for j in selected])
+        with progress.task("solving (joint)", 1) as advance:
+            solutions = solve_logit(joint, _within(config, deadline))
+            advance(1)
+        return solutions
+    solutions = []
+    with progress.task("solving", len(selected)) as advance:
+        for neuron in selected:
+            if deadline is not None and time.perf_counter() >= deadline:
+                solutions.append(
+                    NeuronSolution(neuron, SolveStatus.TIME_LIMIT, None, None, 0.0, 0, "the search budget ran out")
+                )
+                continue
+            problem = NeuronProblem(
+                neuron, weights[neuron], float(bias[neuron]), inputs, activity.float_pre[:, neuron] > 0, grids[neuron]
+            )
+            solution = solve_neuron(problem, _within(config, deadline))
+            if not solution.solved:
+                logger.info("neuron %d left unchanged: %s", neuron, solution.reason)
+            solutions.append(solution)
+            advance(1)
+    return solutions
+
+
+def _bias_correction(layer: DenseLayer, activity: LayerActivity) -> list[NeuronSolution]:
+    if layer.bias is None:
+        raise UnsupportedModelError(f"layer '{layer.name}' has no bias, so bias correction cannot repair it")
+    shift = np.mean(activity.float_pre.astype(np.float64) - activity.quant_pre.astype(np.float64), axis=0)
+    return [
+        NeuronSolution(j, SolveStatus.OPTIMAL, np.zeros(layer.n_in), None, 0.0, 0, "", float(shift[j]))
+        for j in range(layer.n_out)
+    ]
+
+
+def _neuron_grid(grid: LayerGrid, j: int) -> NeuronGrid:
+    if grid.bias_step is None or grid.bias_low is None or grid.bias_high is None:
+        return NeuronGrid(grid.weight_step[j], grid.weight_low[j], grid.weight_high[j])
+    return NeuronGrid(
+        weight_step=grid.weight_step[j],
+        weight_low=grid.weight_low[j],
+        weight_high=grid.weight_high[j],
+        bias_step=float(grid.bias_step[j]),
+        bias_low=float(grid.bias_low[j]),
+        bias_high=float(grid.bias_high[j]),
+    )
+
+
+def _within(config: SolveConfig, deadline: float | None) -> SolveConfig:
+    """The config with its time limit cut to what is left before the deadline."""
+    if deadline is None:
+        return config
+    left = max(deadline - time.perf_counter(), 1.0)
+    return dataclasses.replace(config, time_limit=min(config.time_limit, left))
+
+
+def _run_tapped(
+    model: onnx.ModelProto,
+    role: str,
+    names: list[str],
+    x: NDArray[np.float32],
+    batch_size: int,
+    advance: Callable[[int], None],
+) -> dict[str, NDArray[np.float32]]:
+    input_name = input_spec(model).name
+    outputs = [n for n in dict.fromkeys(names) if n != input_name]
+    session = make_session(with_outputs(model, outputs), role)
+    values = run_batched(session, x, outputs, batch_size, advance)
+    if input_name in names:  # the layer reads the graph input directly
+        values[input_name] = x.reshape(len(x), -1)
+    return values
+
+
+def _check_width(pre: NDArray, layer: DenseLayer, role: str) -> None:
+    if pre.shape[1] != layer.n_out:
+        raise UnsupportedModelError(
+            f"{role} layer '{layer.name}' output has {pre.shape[1]} values per input, expected {layer.n_out}; "
+            "only layers over [batch, features] inputs can be repaired"
+        )
