@@ -49,7 +49,7 @@ from onnxrepair.runtime import make_session
 
 _N = TypeVar("_N", int, float)
 
-DEFAULT_ENCODING = Encoding.PAPER
+DEFAULT_ENCODING = SolveConfig.encoding
 
 EXIT_OK = 0
 EXIT_NOTHING_BETTER = 1

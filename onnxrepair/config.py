@@ -60,7 +60,8 @@ class SolveConfig:
     """Options of the solve; None means "the encoding's default" (see the properties).
 
     Attributes:
-        encoding: how constraints and objective are written.
+        encoding: how constraints and objective are written; `soft` by default
+            (measured: far better than the paper's encoding on unseen images).
         objective: how the size of a change is measured; default L-infinity for
             `paper`, L1 for the others.
         repair_bias: whether each selected neuron's bias is a variable too;
@@ -74,7 +75,7 @@ class SolveConfig:
         backend: the python-mip solver.
     """
 
-    encoding: Encoding = Encoding.PAPER
+    encoding: Encoding = Encoding.SOFT
     objective: Objective | None = None
     repair_bias: bool | None = None
     margin: float | None = None

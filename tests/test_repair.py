@@ -10,7 +10,7 @@ import onnx
 import pytest
 from conftest import DigitsExample, check_full
 
-from onnxrepair.config import Metric, RepairConfig, SolveConfig
+from onnxrepair.config import Encoding, Metric, RepairConfig, SolveConfig
 from onnxrepair.data import ImageSet
 from onnxrepair.errors import ModelPairingError
 from onnxrepair.graph import dense_parameters, initializers, pair_layer
@@ -42,7 +42,9 @@ def test_repair_result_is_consistent(
     quant_model = onnx.load(str(digits.quant_path))
     quant_bytes = quant_model.SerializeToString()
     repair_set, val_set = sets
-    config = RepairConfig(layers=(layer,) if layer else (), metric=metric, neurons=neurons)
+    config = RepairConfig(
+        layers=(layer,) if layer else (), metric=metric, neurons=neurons, solve=SolveConfig(encoding=Encoding.PAPER)
+    )
     result = repair(float_model, quant_model, repair_set, val_set, config)
 
     assert quant_model.SerializeToString() == quant_bytes
@@ -84,12 +86,14 @@ def test_nothing_to_fix_changes_nothing(digits: DigitsExample) -> None:
     activity = read_layer_activity(float_model, quant_model, pair, digits.x, 256, NoProgress())
     w, b = dense_parameters(quant_model, pair.quant_layer)
     lp_pre = activity.quant_inputs.astype(np.float64) @ w.T + b  # what the LP sees
-    margin = SolveConfig().resolved_margin
+    margin = SolveConfig(encoding=Encoding.PAPER).resolved_margin
     agree = ~activation_flips(activity.float_pre, lp_pre).any(axis=1) & (np.abs(lp_pre).min(axis=1) > 2 * margin)
     assert agree.sum() > 100
     chosen = np.flatnonzero(agree)[:200]
     clean = image_set(digits.x[chosen], digits.y[chosen])
-    result = repair(float_model, quant_model, clean, clean, RepairConfig(neurons=10))
+    result = repair(
+        float_model, quant_model, clean, clean, RepairConfig(neurons=10, solve=SolveConfig(encoding=Encoding.PAPER))
+    )
     outcome = result.layers[0]
     assert result.model is not None
     assert outcome.spectrum.af.sum() + outcome.spectrum.as_.sum() == 0

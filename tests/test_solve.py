@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from onnxrepair.config import SolveConfig, SolverBackend
+from onnxrepair.config import Encoding, SolveConfig, SolverBackend
 from onnxrepair.solve import (
     LinearProgram,
     NeuronProblem,
@@ -20,7 +20,7 @@ BACKENDS = list(SolverBackend)
 
 
 def config(backend: SolverBackend, margin: float = 1e-3) -> SolveConfig:
-    return SolveConfig(margin=margin, time_limit=30.0, backend=backend)
+    return SolveConfig(encoding=Encoding.PAPER, margin=margin, time_limit=30.0, backend=backend)
 
 
 def random_problem(rng: np.random.Generator, n: int, m: int) -> NeuronProblem:
