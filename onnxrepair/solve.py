@@ -208,14 +208,7 @@ def neuron_program(
     if n_slack:
         sign_rows[:, slack0:] = -np.eye(n)
     sign_rhs = sign * (x @ w + problem.bias) - margin
-    # norm rows: +-param_scale_i u_i - t_i <= 0 (L1), or +-param_scale_i u_i - M <= 0 (L-infinity)
-    norm_rows = np.zeros((2 * n_params, v))
-    for row_block, direction in ((norm_rows[:n_params], 1.0), (norm_rows[n_params:], -1.0)):
-        row_block[:, :n_params] = direction * np.diag(param_scale)
-        if objective is Objective.L1:
-            row_block[:, aux0 : aux0 + n_aux] = -np.eye(n_params)
-        else:
-            row_block[:, aux0] = -1.0
+    norm_rows = _norm_rows(param_scale, objective, aux0, v)
 
     c = np.zeros(v)
     c[aux0 : aux0 + n_aux] = norm_weight if n_slack else 1.0
@@ -311,13 +304,7 @@ def logit_program(
             row[slack0 + k] = -1.0
             rows.append(row)
             rhs.append(base[k, target] - base[k, other] - margin)
-    norm_rows = np.zeros((2 * n_params, v))
-    for row_block, direction in ((norm_rows[:n_params], 1.0), (norm_rows[n_params:], -1.0)):
-        row_block[:, :n_params] = direction * np.eye(n_params)
-        if objective is Objective.L1:
-            row_block[:, aux0 : aux0 + n_aux] = -np.eye(n_params)
-        else:
-            row_block[:, aux0] = -1.0
+    norm_rows = _norm_rows(np.ones(n_params), objective, aux0, v)
     c = np.zeros(v)
     c[aux0 : aux0 + n_aux] = norm_weight
     c[slack0:] = 1.0 / n
@@ -357,6 +344,22 @@ def solve_logit(problem: LogitProblem, config: SolveConfig) -> list[NeuronSoluti
             delta, beta = block.unpack(z)
             solutions.append(NeuronSolution(neuron, status, delta, objective, seconds, len(program.rhs), "", beta))
     return solutions
+
+
+def _norm_rows(param_scale: NDArray[np.float64], objective: Objective, aux0: int, v: int) -> NDArray[np.float64]:
+    """Rows bounding each change: +-scale_i u_i - t_i <= 0 (L1) or +-scale_i u_i - M <= 0 (L-infinity).
+
+    The parameters u are z[:p]; the auxiliaries t (L1, p of them) or M start at z[aux0].
+    """
+    p = len(param_scale)
+    rows = np.zeros((2 * p, v))
+    for block, direction in ((rows[:p], 1.0), (rows[p:], -1.0)):
+        block[:, :p] = direction * np.diag(param_scale)
+        if objective is Objective.L1:
+            block[:, aux0 : aux0 + p] = -np.eye(p)
+        else:
+            block[:, aux0] = -1.0
+    return rows
 
 
 _REASONS = {
