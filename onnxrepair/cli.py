@@ -47,6 +47,8 @@ from onnxrepair.repair import list_layers, repair, resolve_layers
 from onnxrepair.report import RichProgress, print_layers, print_summary, report_dict
 from onnxrepair.runtime import make_session
 
+logger = logging.getLogger(__name__)
+
 _N = TypeVar("_N", int, float)
 
 DEFAULT_ENCODING = SolveConfig.encoding
@@ -285,6 +287,7 @@ def run_fix(args: argparse.Namespace, console: Console) -> int:
             output=str(paths.output) if result.model is not None else None,
         )
         save_json(report, paths.report)
+    plotted = None
     if paths.plot is not None and result.layers:
         last = result.layers[-1]
         plot_importance(
@@ -294,9 +297,12 @@ def run_fix(args: argparse.Namespace, console: Console) -> int:
             layer=last.pair.float_layer.name,
             selected=last.selected,
         )
+        plotted = paths.plot
+    elif paths.plot is not None:
+        logger.warning("no plot written: nothing was repaired, so there is no ranking to draw")
     print_summary(console, result, config)
     extras = "".join(
-        f", {what} to {escape(str(path))}" for path, what in ((paths.report, "report"), (paths.plot, "plot")) if path
+        f", {what} to {escape(str(path))}" for path, what in ((paths.report, "report"), (plotted, "plot")) if path
     )
     if result.model is None:
         console.print(

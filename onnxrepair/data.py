@@ -10,6 +10,7 @@ greyscale, images are resized to H x W and scaled to [0, 1], then
 from __future__ import annotations
 
 import logging
+import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -204,7 +205,7 @@ def load_array_file(path: Path, input_shape: Sequence[int | None]) -> ImageSet:
         else:
             with loaded:
                 arrays = {k: loaded[k] for k in loaded.files}
-    except (OSError, ValueError, EOFError) as exc:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
         raise DataError(f"{path} is not a readable .npz/.npy file ({exc})") from exc
     if "x" not in arrays:
         raise DataError(f"{path} has no array named 'x' (it has {sorted(arrays)}); save inputs as x and labels as y")

@@ -143,8 +143,9 @@ def _apply_bias(
     new_zero = int(np.clip(np.round(info.min - low / new_scale), info.min, info.max))
     q_new = np.clip(np.round(target / new_scale + new_zero), info.min, info.max).astype(np.int64)
     node = next(n for n in model.graph.node if n.name == bias.dequantize_node and bias.quantized in n.input)
-    scale_name = _fresh_name(inits, f"{bias.quantized}_repaired_scale")
-    zero_name = _fresh_name(inits, f"{bias.quantized}_repaired_zero_point")
+    taken = set(inits) | {name for n in model.graph.node for name in (*n.input, *n.output)}
+    scale_name = _fresh_name(taken, f"{bias.quantized}_repaired_scale")
+    zero_name = _fresh_name(taken | {scale_name}, f"{bias.quantized}_repaired_zero_point")
     scale_dtype = numpy_helper.to_array(inits[bias.scale]).dtype
     scale_shape = tuple(inits[bias.scale].dims)
     model.graph.initializer.append(
@@ -180,10 +181,10 @@ def _check_unshared(model: onnx.ModelProto, param: QuantizedTensor, layer: Dense
         )
 
 
-def _fresh_name(inits: dict[str, onnx.TensorProto], base: str) -> str:
+def _fresh_name(taken: set[str], base: str) -> str:
+    """`base`, or `base_2`, `base_3`... whichever no tensor of the model uses yet."""
     name, i = base, 1
-    while name in inits:
+    while name in taken:
         i += 1
         name = f"{base}_{i}"
-    inits[name] = onnx.TensorProto()  # reserve it
     return name

@@ -274,6 +274,8 @@ def logit_program(
     x = problem.inputs
     n, m = x.shape
     classes = problem.weights.shape[0]
+    # a grid without bias step means the layer has no bias: there is none to move
+    repair_bias = repair_bias and all(g is None or g.bias_step is not None for g in problem.grids)
     selected = {neuron: i for i, neuron in enumerate(problem.neurons)}
     per_class = m + int(repair_bias)
     n_params = per_class * len(selected)
