@@ -2,9 +2,10 @@
 
 Each candidate method is applied on top of the best model found so far and
 scored on a held-out part of the repair images that no solver sees; it is kept
-only when it agrees with the float model on strictly more held-out images (or
-as many, with strictly higher accuracy). So the search never returns a model
-that scores worse than the one it started from, and stops when its time
+only when it is better there on one figure and worse on none: agreement with
+the float model's top-1 class, and accuracy when the images are labelled. So
+the search never returns a model that scores worse than the one it started
+from, and stops when its time
 budget is spent, with the best so far.
 
 Candidates, cheapest and most often useful first: bias correction; the joint
@@ -43,9 +44,11 @@ class Score:
     accuracy: float | None
 
     def beats(self, other: Score) -> bool:
-        if self.agreement != other.agreement:
-            return self.agreement > other.agreement
-        return self.accuracy is not None and other.accuracy is not None and self.accuracy > other.accuracy
+        """Better on one figure and worse on none: agreement, and accuracy when both are labelled."""
+        pairs = [(self.agreement, other.agreement)]
+        if self.accuracy is not None and other.accuracy is not None:
+            pairs.append((self.accuracy, other.accuracy))
+        return all(mine >= theirs for mine, theirs in pairs) and any(mine > theirs for mine, theirs in pairs)
 
 
 @dataclass(frozen=True)

@@ -316,3 +316,22 @@ def test_cli_plot_is_written_when_the_search_keeps_nothing(
     assert run.code == 1
     claimed = "plot to" in " ".join(run.out.split())
     assert plot.exists() or not claimed, "the summary names a plot file that was not written"
+
+
+@pytest.mark.parametrize(
+    ("mine", "theirs", "expected"),
+    [
+        ((0.90, 0.80), (0.85, 0.80), True),  # more agreement, same accuracy
+        ((0.85, 0.81), (0.85, 0.80), True),  # same agreement, more accuracy
+        ((0.90, 0.79), (0.85, 0.80), False),  # more agreement bought with accuracy: not kept
+        ((0.85, 0.80), (0.85, 0.80), False),  # a tie is no improvement
+        ((0.90, None), (0.85, None), True),  # unlabelled: agreement alone
+        ((0.85, None), (0.85, None), False),
+    ],
+)
+def test_score_beats_is_better_on_one_figure_and_worse_on_none(
+    mine: tuple[float, float | None], theirs: tuple[float, float | None], expected: bool
+) -> None:
+    from onnxrepair.search import Score
+
+    assert Score(*mine).beats(Score(*theirs)) is expected
