@@ -63,7 +63,8 @@ def report_dict(
     """The JSON report: the documented keys first, details after.
 
     `neurons` and `unsolved` are lists of indices when one layer was repaired,
-    and objects {layer: indices} when several were.
+    and objects {layer: indices} when several were. With --search, `metric`
+    and `encoding` say "search" and `methods` lists what the search kept.
     """
     ev = result.evaluation
     written = result.model is not None
@@ -79,7 +80,7 @@ def report_dict(
         "validation_size": ev.size,
         "repair_size": result.repair_size,
         "layer": ", ".join(names),
-        "metric": config.metric.value,
+        "metric": "search" if config.search else config.metric.value,
         "neurons": _by_layer(result, lambda layer: layer.repaired_neurons),
         "unsolved": _by_layer(result, lambda layer: layer.unsolved),
         "solve_seconds": result.timings.solve,
@@ -87,7 +88,11 @@ def report_dict(
         "written": written,
         "fixed": ev.fixed if written else None,
         "broken": ev.broken if written else None,
-        "encoding": config.solve.encoding.value,
+        "methods": [
+            f"{layer.pair.float_layer.name}: {layer.method.describe(layer.pair.quant_layer.n_out)}"
+            for layer in result.layers
+        ],
+        "encoding": "search" if config.search else config.solve.encoding.value,
         "objective": config.solve.resolved_objective.value,
         "repair_bias": config.solve.resolved_repair_bias,
         "solver": config.solve.backend.value,
