@@ -44,7 +44,7 @@ from onnxrepair.files import check_output_path, save_json, save_model
 from onnxrepair.graph import check_models_match, input_spec, load_model, pair_layer
 from onnxrepair.plot import plot_importance
 from onnxrepair.repair import list_layers, repair, resolve_layers
-from onnxrepair.report import RichProgress, print_layers, print_summary, report_dict
+from onnxrepair.report import RichProgress, nothing_better_reason, print_layers, print_summary, report_dict
 from onnxrepair.runtime import make_session
 
 logger = logging.getLogger(__name__)
@@ -189,6 +189,19 @@ def build_parser() -> argparse.ArgumentParser:
         default=SearchConfig.holdout_fraction,
         help="share of the repair images the search scores on (default: %(default)g)",
     )
+    search_group.add_argument(
+        "--confirm-folds",
+        type=_folds,
+        default=SearchConfig.confirm_folds,
+        help="before writing, re-apply the kept methods on this many folds of IMAGES and require a significant "
+        "out-of-fold gain; 0 trusts the held-out part alone (default: %(default)d)",
+    )
+    search_group.add_argument(
+        "--confidence",
+        type=_confidence,
+        default=SearchConfig.confidence,
+        help="the out-of-fold sign test must pass at this level (default: %(default)g)",
+    )
     fix.add_argument("--plot", type=Path, help="draw the layer's neuron importance to this PNG (needs matplotlib)")
     fix.add_argument("--batch-size", type=_positive_int, default=256, help="images per inference run")
     _add_output_flags(fix)
@@ -258,7 +271,14 @@ def run_fix(args: argparse.Namespace, console: Console) -> int:
             time_limit=args.time_limit,
             backend=SolverBackend(args.solver),
         ),
-        search=SearchConfig(budget=args.budget, holdout_fraction=args.holdout_fraction) if args.search else None,
+        search=SearchConfig(
+            budget=args.budget,
+            holdout_fraction=args.holdout_fraction,
+            confirm_folds=args.confirm_folds,
+            confidence=args.confidence,
+        )
+        if args.search
+        else None,
     )
     spec = input_spec(float_model)
     if is_array_file(args.images):
@@ -305,11 +325,8 @@ def run_fix(args: argparse.Namespace, console: Console) -> int:
         f", {what} to {escape(str(path))}" for path, what in ((paths.report, "report"), (plotted, "plot")) if path
     )
     if result.model is None:
-        console.print(
-            "[yellow]no configuration beat the quantized model on the held-out repair images, so no model was "
-            f"written[/]{extras}",
-            soft_wrap=True,
-        )
+        reason = escape(nothing_better_reason(result))
+        console.print(f"[yellow]{reason}, so no model was written[/]{extras}", soft_wrap=True)
         return EXIT_NOTHING_BETTER
     console.print(f"repaired model written to [bold]{escape(str(paths.output))}[/]{extras}", soft_wrap=True)
     return EXIT_OK
@@ -372,6 +389,20 @@ def _non_negative_float(text: str) -> float:
     value = _number(text, float)
     if not value >= 0:
         raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
+def _folds(text: str) -> int:
+    value = _number(text, int)
+    if value != 0 and value < 2:
+        raise argparse.ArgumentTypeError(f"must be 0 (no check) or at least 2, got {value}")
+    return value
+
+
+def _confidence(text: str) -> float:
+    value = _number(text, float)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 0 and below 1, got {text}")
     return value
 
 

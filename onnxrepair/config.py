@@ -109,11 +109,18 @@ class SearchConfig:
         holdout_fraction: share of the repair images kept aside to score each
             configuration (never the validation set, never used to solve).
         neuron_counts: the values of N tried ("all neurons" is always tried).
+        confirm_folds: before a model is written, the kept methods are
+            cross-validated over the whole repair set with this many folds
+            (0 skips the check and trusts the held-out part alone).
+        confidence: the check passes when the sign test of images fixed
+            against images broken gives p <= 1 - confidence.
     """
 
     budget: float = 300.0
     holdout_fraction: float = 0.25
     neuron_counts: tuple[int, ...] = (1, 5, 10, 20, 50, 100)
+    confirm_folds: int = 4
+    confidence: float = 0.95
 
 
 @dataclass(frozen=True)

@@ -307,6 +307,20 @@ def stratified_split(
     return np.sort(np.asarray(repair, np.int64)), np.sort(np.asarray(val, np.int64))
 
 
+def stratified_folds(labels: NDArray[np.int64], folds: int, seed: int) -> NDArray[np.int64]:
+    """A fold number in [0, folds) for every index, each class dealt round-robin over the folds.
+
+    Every fold gets its share of every class, so no fold's fit part loses a
+    class that has at least `folds` images.
+    """
+    rng = np.random.default_rng(seed)
+    fold_of = np.empty(len(labels), np.int64)
+    for cls in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == cls))
+        fold_of[members] = (np.arange(len(members)) + int(rng.integers(folds))) % folds
+    return fold_of
+
+
 def _per_channel(option: str, values: Sequence[float] | None, channels: int, default: float) -> tuple[float, ...]:
     if values is None:
         return (default,) * channels

@@ -29,7 +29,7 @@ from onnxrepair.graph import (
 from onnxrepair.methods import LayerRepair, Method, read_layer_activity, repair_layer
 from onnxrepair.progress import NoProgress, Progress
 from onnxrepair.runtime import make_session, output_name, run_batched
-from onnxrepair.search import HoldoutScorer, Score, Trial, search_layer
+from onnxrepair.search import Confirmation, HoldoutScorer, Score, Trial, confirm_methods, search_layer
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +71,8 @@ class RepairResult:
             quantized model stands in for the repaired one when none was found).
         repair_size: images used to solve (the search's held-out part excluded).
         holdout_size: images the search scored on.
+        confirmation: the cross-validated check of the kept methods (None when
+            the search kept nothing or the check is off).
     """
 
     model: onnx.ModelProto | None
@@ -82,6 +84,7 @@ class RepairResult:
     trials: list[Trial] = field(default_factory=list)
     holdout_before: Score | None = None
     holdout_after: Score | None = None
+    confirmation: Confirmation | None = None
 
 
 def resolve_layers(float_model: onnx.ModelProto, names: tuple[str, ...]) -> list[str]:
@@ -170,6 +173,10 @@ def repair(
             rewrite_seconds += time.perf_counter() - step - outcome.solve_seconds
     holdout_after = scorer.score(current) if scorer is not None else None
     improved = holdout_before is None or (holdout_after is not None and holdout_after.beats(holdout_before))
+    confirmation = None
+    if improved and config.search is not None and config.search.confirm_folds > 0:
+        confirmation = confirm_methods(float_model, quant_model, layers, repair_set, config, progress)
+        improved = confirmation.confirmed
     model = current if improved else None
 
     evaluate_started = time.perf_counter()
@@ -196,6 +203,7 @@ def repair(
         trials=trials,
         holdout_before=holdout_before,
         holdout_after=holdout_after,
+        confirmation=confirmation,
     )
 
 

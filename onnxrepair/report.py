@@ -6,6 +6,7 @@ The only module that imports rich.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Callable, Iterator
 from types import TracebackType
 from typing import Any
@@ -164,6 +165,7 @@ def _search_dict(result: RepairResult, config: RepairConfig) -> dict[str, Any]:
         "holdout_size": result.holdout_size,
         "holdout_before": _score_dict(result.holdout_before),
         "holdout_after": _score_dict(result.holdout_after),
+        "confirmation": None if result.confirmation is None else dataclasses.asdict(result.confirmation),
         "tried": [
             {
                 "layer": t.layer,
@@ -177,6 +179,21 @@ def _search_dict(result: RepairResult, config: RepairConfig) -> dict[str, Any]:
             for t in result.trials
         ],
     }
+
+
+def nothing_better_reason(result: RepairResult) -> str:
+    """Why the search wrote no model, in one sentence."""
+    check = result.confirmation
+    if check is None or check.confirmed:
+        return "no configuration beat the quantized model on the held-out repair images"
+    accuracy = ""
+    if check.accuracy_gained is not None:
+        accuracy = f", accuracy {check.accuracy_gained} gained / {check.accuracy_lost} lost"
+    return (
+        f"the kept methods beat the quantized model on the held-out repair images, but re-applied on "
+        f"{check.folds} folds of the repair images they fixed {check.fixed} and broke {check.broken} "
+        f"out-of-fold disagreements (sign test p = {check.p_value:.3g}{accuracy}): not a reliable gain"
+    )
 
 
 def _score_dict(score: Score | None) -> dict[str, float | None] | None:
@@ -212,6 +229,13 @@ def print_summary(console: Console, result: RepairResult, config: RepairConfig) 
         if t.search
         else f"inference {t.inference:.1f} s, solving {t.solve:.1f} s, rewriting {t.rewrite:.2f} s, "
     )
+    if result.confirmation is not None:
+        check = result.confirmation
+        verdict = "[green]confirmed[/]" if check.confirmed else "[yellow]not confirmed[/]"
+        console.print(
+            f"out-of-fold check ({check.folds} folds of the repair images): {check.fixed} disagreements fixed, "
+            f"{check.broken} broken, sign test p = {check.p_value:.3g}: {verdict} ({check.seconds:.1f} s)"
+        )
     console.print(f"time: {t.total:.1f} s ({stages}evaluation {t.evaluate:.1f} s)")
 
 

@@ -5,8 +5,12 @@ scored on a held-out part of the repair images that no solver sees; it is kept
 only when it is better there on one figure and worse on none: agreement with
 the float model's top-1 class, and accuracy when the images are labelled. So
 the search never returns a model that scores worse than the one it started
-from, and stops when its time
-budget is spent, with the best so far.
+from, and stops when its time budget is spent, with the best so far.
+
+The held-out part is small and chose among many candidates, so a win there
+can be noise. Before a model is written, `confirm_methods` applies the kept
+methods again on folds of the whole repair set and asks for a significant
+out-of-fold gain (repair.py writes nothing otherwise).
 
 Candidates, cheapest and most often useful first: bias correction; the joint
 logit encoding on all classes (output layer only); the soft encoding over all
@@ -18,6 +22,7 @@ paper's encoding last.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,8 +32,9 @@ import onnx
 from numpy.typing import NDArray
 
 from onnxrepair.config import Encoding, Metric, RepairConfig, SearchConfig
+from onnxrepair.data import ImageSet, stratified_folds
 from onnxrepair.errors import UnsupportedModelError
-from onnxrepair.graph import LayerPair
+from onnxrepair.graph import LayerPair, pair_layer
 from onnxrepair.methods import LayerRepair, Method, read_layer_activity, repair_layer
 from onnxrepair.progress import NoProgress, Progress
 from onnxrepair.runtime import make_session, output_name, run_batched
@@ -70,17 +76,20 @@ class HoldoutScorer:
         self, float_model: onnx.ModelProto, x: NDArray[np.float32], labels: NDArray[np.int64] | None, batch_size: int
     ) -> None:
         self.x, self.labels, self.batch_size = x, labels, batch_size
-        self.float_top1 = self._top1(float_model, "FLOAT")
+
+        self.float_top1 = top1_classes(float_model, x, batch_size, "FLOAT")
 
     def score(self, model: onnx.ModelProto) -> Score:
-        top1 = self._top1(model, "candidate")
+        top1 = top1_classes(model, self.x, self.batch_size, "candidate")
         accuracy = None if self.labels is None else float(np.mean(top1 == self.labels))
         return Score(float(np.mean(top1 == self.float_top1)), accuracy)
 
-    def _top1(self, model: onnx.ModelProto, role: str) -> NDArray[np.int64]:
-        name = output_name(model)
-        scores = run_batched(make_session(model, role), self.x, [name], self.batch_size)[name]
-        return np.argmax(scores, axis=1)
+
+def top1_classes(model: onnx.ModelProto, x: NDArray[np.float32], batch_size: int, role: str) -> NDArray[np.int64]:
+    """The model's top-1 class for every input, from a default (untapped) session."""
+    name = output_name(model)
+    scores = run_batched(make_session(model, role), x, [name], batch_size)[name]
+    return np.argmax(scores, axis=1)
 
 
 def candidate_methods(n_out: int, output_layer: bool, search: SearchConfig) -> list[Method]:
@@ -147,3 +156,84 @@ def search_layer(
                 activity = read_layer_activity(float_model, best_model, pair, fit_x, config.batch_size)
             advance(1)
     return best_model, applied, trials
+
+
+@dataclass(frozen=True)
+class Confirmation:
+    """Out-of-fold evidence, pooled over the whole repair set, that the methods the search kept help.
+
+    The held-out part that chose the methods is small (a 1-3 image difference
+    there is noise) and was used to choose among many candidates, so its score
+    is optimistic. Here the kept methods are applied again, from QUANT, once
+    per fold with that fold left out, and each fold is scored by the model
+    solved without it: every repair image is scored once, by a model that never
+    saw it.
+
+    Attributes:
+        folds: how many folds.
+        fixed, broken: images where QUANT disagreed with FLOAT and the re-solved
+            model agrees, and the other way round.
+        accuracy_gained, accuracy_lost: the same for the labels (None when unlabelled).
+        p_value: one-sided exact sign test of fixed against broken: the chance of
+            at least this many fixed among fixed + broken if the methods did nothing.
+        confirmed: fixed > broken, p_value <= 1 - confidence, and no net loss of accuracy.
+    """
+
+    folds: int
+    fixed: int
+    broken: int
+    accuracy_gained: int | None
+    accuracy_lost: int | None
+    p_value: float
+    confirmed: bool
+    seconds: float
+
+
+def sign_test_p_value(wins: int, losses: int) -> float:
+    """P(at least `wins` successes in wins + losses fair coin flips): one-sided exact sign test."""
+    n = wins + losses
+    return sum(math.comb(n, k) for k in range(wins, n + 1)) / 2**n
+
+
+def confirm_methods(
+    float_model: onnx.ModelProto,
+    quant_model: onnx.ModelProto,
+    steps: list[LayerRepair],
+    repair_set: ImageSet,
+    config: RepairConfig,
+    progress: Progress | None = None,
+) -> Confirmation:
+    """Cross-validate the kept methods over `repair_set` (see `Confirmation`)."""
+    assert config.search is not None
+    progress = progress or NoProgress()
+    started = time.perf_counter()
+    folds = config.search.confirm_folds
+    fold_of = stratified_folds(repair_set.strata, folds, config.seed)
+    float_top1 = top1_classes(float_model, repair_set.x, config.batch_size, "FLOAT")
+    quant_top1 = top1_classes(quant_model, repair_set.x, config.batch_size, "QUANT")
+    repaired_top1 = quant_top1.copy()
+    with progress.task(f"confirming on {folds} folds", folds) as advance:
+        for fold in range(folds):
+            fit, scored = np.flatnonzero(fold_of != fold), np.flatnonzero(fold_of == fold)
+            model = quant_model
+            for step in steps:
+                pair = pair_layer(float_model, model, step.pair.float_layer.name)
+                activity = read_layer_activity(float_model, model, pair, repair_set.x[fit], config.batch_size)
+                model, _ = repair_layer(model, pair, activity, step.method, config.solve, config.seed)
+            repaired_top1[scored] = top1_classes(model, repair_set.x[scored], config.batch_size, "candidate")
+            advance(1)
+    repaired_agrees, quant_agrees = repaired_top1 == float_top1, quant_top1 == float_top1
+    fixed, broken = int(np.sum(repaired_agrees & ~quant_agrees)), int(np.sum(quant_agrees & ~repaired_agrees))
+    gained = lost = None
+    if repair_set.labels is not None:
+        repaired_right, quant_right = repaired_top1 == repair_set.labels, quant_top1 == repair_set.labels
+        gained, lost = int(np.sum(repaired_right & ~quant_right)), int(np.sum(quant_right & ~repaired_right))
+    p_value = sign_test_p_value(fixed, broken)
+    confirmed = is_confirmed(fixed, broken, gained, lost, config.search.confidence)
+    return Confirmation(folds, fixed, broken, gained, lost, p_value, confirmed, time.perf_counter() - started)
+
+
+def is_confirmed(fixed: int, broken: int, gained: int | None, lost: int | None, confidence: float) -> bool:
+    """More fixed than broken, significantly so at `confidence`, and no net loss of accuracy."""
+    accuracy_kept = gained is None or lost is None or gained >= lost
+    return fixed > broken and sign_test_p_value(fixed, broken) <= 1.0 - confidence and accuracy_kept
