@@ -319,6 +319,13 @@ def summarize_report(rep: dict[str, Any]) -> str:
                     f"acc {pct(before.get('accuracy'))} -> {pct(after.get('accuracy'))}"
                 ).replace(" %", "%")
             )
+        check = search.get("confirmation")
+        if isinstance(check, dict):
+            verdict = "confirmed" if check.get("confirmed") else "not confirmed"
+            parts.append(
+                f"out-of-fold check ({check.get('folds')} folds): fixed/broken {check.get('fixed')}/"
+                f"{check.get('broken')}, p = {float(check.get('p_value') or 0):.3g}, {verdict}"
+            )
     else:
         neurons = rep.get("neurons")
         unsolved = rep.get("unsolved")
@@ -601,7 +608,8 @@ def markdown_section(command, rows, groups, specs, args, started, elapsed, level
         f"{args.budget:g}`"
         + (" (on the same layer, and on the last two dense layers with `--layer last:2`)" if two else "")
         + "; the search scores candidates by agreement with the float model on a held-out quarter of the "
-        "repair set.",
+        "repair set, then re-applies the kept methods on 4 folds of the whole repair set and writes a model only "
+        "if the out-of-fold gain passes a sign test at 0.95 (otherwise exit 1 and the row shows QUANT).",
         "- columns: top-1 accuracy on the validation set in a default ONNX Runtime CPU session; agreement = "
         "share of validation images whose top-1 class equals the float model's; gap recovered = "
         "(repaired - quant) / (float - quant) accuracy; repair seconds = the report's `total_seconds` "
