@@ -42,6 +42,7 @@ from onnxrepair.data import (
 from onnxrepair.errors import DataError, OnnxRepairError
 from onnxrepair.files import check_output_path, save_json, save_model
 from onnxrepair.graph import check_models_match, input_spec, load_model, pair_layer
+from onnxrepair.parallel import available_cores
 from onnxrepair.plot import plot_importance
 from onnxrepair.repair import list_layers, repair, resolve_layers
 from onnxrepair.report import RichProgress, nothing_better_reason, print_layers, print_summary, report_dict
@@ -170,6 +171,19 @@ def build_parser() -> argparse.ArgumentParser:
         default=SolveConfig.backend.value,
         help="python-mip backend (default: %(default)s)",
     )
+    repair_group.add_argument(
+        "--jobs",
+        type=_positive_int,
+        default=available_cores(),
+        help="processes that solve neurons in parallel; results are the same for any value "
+        "(default: the cores available, %(default)d)",
+    )
+    repair_group.add_argument(
+        "--full-lp",
+        action="store_true",
+        help="solve each neuron's full program instead of generating its rows (the same optimum, slower; "
+        "for benchmarks)",
+    )
     search_group = fix.add_argument_group("guarded search")
     search_group.add_argument(
         "--search",
@@ -270,7 +284,9 @@ def run_fix(args: argparse.Namespace, console: Console) -> int:
             norm_weight=args.norm_weight,
             time_limit=args.time_limit,
             backend=SolverBackend(args.solver),
+            row_generation=not args.full_lp,
         ),
+        jobs=args.jobs,
         search=SearchConfig(
             budget=args.budget,
             holdout_fraction=args.holdout_fraction,

@@ -73,6 +73,9 @@ class SolveConfig:
         time_limit: seconds allowed for one problem; a problem that runs out is
             reported as timed out and left unchanged.
         backend: the python-mip solver.
+        row_generation: solve each neuron with the rows that can matter and add
+            the rows its solution breaks until none is broken (the same optimum
+            as the full program, far fewer rows); False solves the full program.
     """
 
     encoding: Encoding = Encoding.SOFT
@@ -82,6 +85,7 @@ class SolveConfig:
     norm_weight: float = 0.01
     time_limit: float = 60.0
     backend: SolverBackend = SolverBackend.HIGHS
+    row_generation: bool = True
 
     @property
     def resolved_objective(self) -> Objective:
@@ -138,6 +142,7 @@ class RepairConfig:
         batch_size: images per ONNX Runtime run.
         solve: solver options.
         search: when set, search configurations instead of applying `solve` once.
+        jobs: processes that solve neurons in parallel (1: all in this process).
     """
 
     layers: tuple[str, ...] = ()
@@ -148,3 +153,4 @@ class RepairConfig:
     batch_size: int = 256
     solve: SolveConfig = SolveConfig()
     search: SearchConfig | None = None
+    jobs: int = 1

@@ -10,6 +10,7 @@ layer adds.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -31,6 +32,7 @@ from onnxrepair.graph import (
     with_outputs,
 )
 from onnxrepair.localize import rank_neurons, suspiciousness
+from onnxrepair.parallel import Executor, SerialExecutor
 from onnxrepair.progress import NoProgress, Progress
 from onnxrepair.rewrite import RewriteStats, apply_deltas
 from onnxrepair.runtime import make_session, output_name, run_batched
@@ -145,12 +147,14 @@ def repair_layer(
     seed: int = 0,
     progress: Progress | None = None,
     deadline: float | None = None,
+    executor: Executor | None = None,
 ) -> tuple[onnx.ModelProto, LayerRepair]:
     """Apply `method` to the layer of `quant_model` and return the patched copy.
 
     Args:
         deadline: a time.perf_counter() value; neurons not started by then are
             left unchanged with that reason (the search's budget).
+        executor: where the per-neuron problems are solved (default: here, one by one).
 
     Raises:
         UnsupportedModelError: `logit` on a layer that is not the output layer,
@@ -168,7 +172,8 @@ def repair_layer(
         solutions = _bias_correction(layer, activity)
     else:
         selected = [int(i) for i in rank_neurons(scores)[: method.neurons]]
-        solutions = _solve(quant_model, pair, activity, selected, config, progress, deadline)
+        executor = executor or SerialExecutor()
+        solutions = _solve(quant_model, pair, activity, selected, config, progress, deadline, executor)
     solve_seconds = time.perf_counter() - started
     deltas = {s.neuron: s.weight_delta for s in solutions if s.weight_delta is not None}
     bias_deltas = {s.neuron: s.bias_delta for s in solutions if s.weight_delta is not None}
@@ -185,6 +190,7 @@ def _solve(
     config: SolveConfig,
     progress: Progress,
     deadline: float | None,
+    executor: Executor,
 ) -> list[NeuronSolution]:
     layer = pair.quant_layer
     weights, bias = dense_parameters(quant_model, layer)
@@ -203,23 +209,36 @@ def _solve(
             solutions = solve_logit(joint, _within(config, deadline))
             advance(1)
         return solutions
+    problems = [
+        NeuronProblem(j, weights[j], float(bias[j]), inputs, activity.float_pre[:, j] > 0, grids[j]) for j in selected
+    ]
+    # a worker process costs a second to start: worth it only for several problems of some size
+    if len(problems) < 2 * executor.jobs or inputs.size < _FAN_OUT_MIN_INPUTS:
+        executor = SerialExecutor()
+    wall_deadline = None if deadline is None else time.time() + (deadline - time.perf_counter())
+    solve = functools.partial(solve_before, config=config, wall_deadline=wall_deadline)
     solutions = []
     with progress.task("solving", len(selected)) as advance:
-        for neuron in selected:
-            if deadline is not None and time.perf_counter() >= deadline:
-                solutions.append(
-                    NeuronSolution(neuron, SolveStatus.TIME_LIMIT, None, None, 0.0, 0, "the search budget ran out")
-                )
-                continue
-            problem = NeuronProblem(
-                neuron, weights[neuron], float(bias[neuron]), inputs, activity.float_pre[:, neuron] > 0, grids[neuron]
-            )
-            solution = solve_neuron(problem, _within(config, deadline))
+        for solution in executor.map(solve, problems):
             if not solution.solved:
-                logger.info("neuron %d left unchanged: %s", neuron, solution.reason)
+                logger.info("neuron %d left unchanged: %s", solution.neuron, solution.reason)
             solutions.append(solution)
             advance(1)
     return solutions
+
+
+_FAN_OUT_MIN_INPUTS = 100_000  # repair inputs x layer inputs
+
+
+def solve_before(problem: NeuronProblem, config: SolveConfig, wall_deadline: float | None) -> NeuronSolution:
+    """Solve one neuron unless the deadline (a time.time() value, valid across processes) has passed."""
+    if wall_deadline is not None:
+        left = wall_deadline - time.time()
+        if left <= 0:
+            reason = "the search budget ran out"
+            return NeuronSolution(problem.neuron, SolveStatus.TIME_LIMIT, None, None, 0.0, 0, reason)
+        config = dataclasses.replace(config, time_limit=min(config.time_limit, max(left, 1.0)))
+    return solve_neuron(problem, config)
 
 
 def _bias_correction(layer: DenseLayer, activity: LayerActivity) -> list[NeuronSolution]:

@@ -7,6 +7,7 @@ that the CLI provides).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import time
@@ -27,6 +28,7 @@ from onnxrepair.graph import (
     pair_layer,
 )
 from onnxrepair.methods import LayerRepair, Method, read_layer_activity, repair_layer
+from onnxrepair.parallel import Executor, ProcessExecutor, SerialExecutor
 from onnxrepair.progress import NoProgress, Progress
 from onnxrepair.runtime import make_session, output_name, run_batched
 from onnxrepair.search import Confirmation, HoldoutScorer, Score, Trial, confirm_methods, search_layer
@@ -73,6 +75,8 @@ class RepairResult:
         holdout_size: images the search scored on.
         confirmation: the cross-validated check of the kept methods (None when
             the search kept nothing or the check is off).
+        peak_memory_mb: the largest resident set of the run (its worker
+            processes included), None where the platform does not say.
     """
 
     model: onnx.ModelProto | None
@@ -85,6 +89,7 @@ class RepairResult:
     holdout_before: Score | None = None
     holdout_after: Score | None = None
     confirmation: Confirmation | None = None
+    peak_memory_mb: float | None = None
 
 
 def resolve_layers(float_model: onnx.ModelProto, names: tuple[str, ...]) -> list[str]:
@@ -125,6 +130,36 @@ def repair(
         OnnxRepairError: the models do not match or cannot be repaired.
     """
     progress = progress or NoProgress()
+    executor = ProcessExecutor(config.jobs) if config.jobs > 1 else SerialExecutor()
+    try:
+        result = _repair(float_model, quant_model, repair_set, validation_set, config, progress, executor)
+    finally:
+        if isinstance(executor, ProcessExecutor):
+            executor.close()
+    return dataclasses.replace(result, peak_memory_mb=peak_memory_mb())
+
+
+def peak_memory_mb() -> float | None:
+    """The largest resident set of this process or of a finished worker process so far, in MiB (None off Unix)."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    largest_kib = max(
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    )
+    return largest_kib / 1024
+
+
+def _repair(
+    float_model: onnx.ModelProto,
+    quant_model: onnx.ModelProto,
+    repair_set: ImageSet,
+    validation_set: ImageSet,
+    config: RepairConfig,
+    progress: Progress,
+    executor: Executor,
+) -> RepairResult:
     started = time.perf_counter()
     check_models_match(float_model, quant_model)
     names = resolve_layers(float_model, config.layers)
@@ -154,6 +189,7 @@ def repair(
                 config,
                 deadline,
                 progress,
+                executor,
             )
             layers.extend(applied)
             trials.extend(tried)
@@ -167,7 +203,9 @@ def repair(
             inference_seconds += time.perf_counter() - step
             method = Method(config.solve.encoding, config.metric, config.neurons)
             step = time.perf_counter()
-            current, outcome = repair_layer(current, pair, activity, method, config.solve, config.seed, progress)
+            current, outcome = repair_layer(
+                current, pair, activity, method, config.solve, config.seed, progress, executor=executor
+            )
             layers.append(outcome)
             solve_seconds += outcome.solve_seconds
             rewrite_seconds += time.perf_counter() - step - outcome.solve_seconds
@@ -175,7 +213,7 @@ def repair(
     improved = holdout_before is None or (holdout_after is not None and holdout_after.beats(holdout_before))
     confirmation = None
     if improved and config.search is not None and config.search.confirm_folds > 0:
-        confirmation = confirm_methods(float_model, quant_model, layers, repair_set, config, progress)
+        confirmation = confirm_methods(float_model, quant_model, layers, repair_set, config, progress, executor)
         improved = confirmation.confirmed
     model = current if improved else None
 

@@ -18,7 +18,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from onnxrepair import __version__
-from onnxrepair.config import RepairConfig
+from onnxrepair.config import Encoding, RepairConfig
 from onnxrepair.methods import LayerRepair
 from onnxrepair.repair import LayerRow, RepairResult
 from onnxrepair.search import Score
@@ -85,6 +85,9 @@ def report_dict(
         "neurons": _by_layer(result, lambda layer: layer.repaired_neurons),
         "unsolved": _by_layer(result, lambda layer: layer.unsolved),
         "solve_seconds": result.timings.solve,
+        **_solve_time_stats(result),
+        "inference_seconds": result.timings.inference,
+        "peak_memory_mb": result.peak_memory_mb,
         "total_seconds": result.timings.total,
         "written": written,
         "fixed": ev.fixed if written else None,
@@ -103,7 +106,6 @@ def report_dict(
         "neurons_requested": config.neurons,
         "seed": config.seed,
         "preprocessing": preprocessing,
-        "inference_seconds": result.timings.inference,
         "rewrite_seconds": result.timings.rewrite,
         "search_seconds": result.timings.search,
         "evaluate_seconds": result.timings.evaluate,
@@ -112,6 +114,23 @@ def report_dict(
         "onnxrepair_version": __version__,
         "layers": [_layer_dict(layer) for layer in result.layers],
         "search": None if config.search is None else _search_dict(result, config),
+    }
+
+
+def _solve_time_stats(result: RepairResult) -> dict[str, float | None]:
+    """Median, 90th percentile and largest seconds of one solver run (a neuron, or a joint logit program)."""
+    seconds: list[float] = []
+    for layer in result.layers:
+        if layer.method.encoding is Encoding.BIAS_CORRECTION:
+            continue
+        runs = layer.solutions[:1] if layer.method.encoding is Encoding.LOGIT else layer.solutions
+        seconds.extend(s.seconds for s in runs if s.constraints)  # 0 rows: never started (budget)
+    if not seconds:
+        return {"solve_seconds_median": None, "solve_seconds_p90": None, "solve_seconds_max": None}
+    return {
+        "solve_seconds_median": float(np.median(seconds)),
+        "solve_seconds_p90": float(np.percentile(seconds, 90)),
+        "solve_seconds_max": float(np.max(seconds)),
     }
 
 

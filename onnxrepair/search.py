@@ -36,6 +36,7 @@ from onnxrepair.data import ImageSet, stratified_folds
 from onnxrepair.errors import UnsupportedModelError
 from onnxrepair.graph import LayerPair, pair_layer
 from onnxrepair.methods import LayerRepair, Method, read_layer_activity, repair_layer
+from onnxrepair.parallel import Executor
 from onnxrepair.progress import NoProgress, Progress
 from onnxrepair.runtime import make_session, output_name, run_batched
 
@@ -120,6 +121,7 @@ def search_layer(
     config: RepairConfig,
     deadline: float,
     progress: Progress | None = None,
+    executor: Executor | None = None,
 ) -> tuple[onnx.ModelProto, list[LayerRepair], list[Trial]]:
     """Hill-climb over candidate methods for one layer; returns (best model, what it applied, every trial)."""
     assert config.search is not None
@@ -139,7 +141,7 @@ def search_layer(
             label = method.describe(n_out)
             try:
                 model, outcome = repair_layer(
-                    best_model, pair, activity, method, config.solve, config.seed, deadline=deadline
+                    best_model, pair, activity, method, config.solve, config.seed, deadline=deadline, executor=executor
                 )
             except UnsupportedModelError as exc:
                 trials.append(Trial(name, label, None, False, time.perf_counter() - started, str(exc)))
@@ -202,6 +204,7 @@ def confirm_methods(
     repair_set: ImageSet,
     config: RepairConfig,
     progress: Progress | None = None,
+    executor: Executor | None = None,
 ) -> Confirmation:
     """Cross-validate the kept methods over `repair_set` (see `Confirmation`)."""
     assert config.search is not None
@@ -219,7 +222,9 @@ def confirm_methods(
             for step in steps:
                 pair = pair_layer(float_model, model, step.pair.float_layer.name)
                 activity = read_layer_activity(float_model, model, pair, repair_set.x[fit], config.batch_size)
-                model, _ = repair_layer(model, pair, activity, step.method, config.solve, config.seed)
+                model, _ = repair_layer(
+                    model, pair, activity, step.method, config.solve, config.seed, executor=executor
+                )
             repaired_top1[scored] = top1_classes(model, repair_set.x[scored], config.batch_size, "candidate")
             advance(1)
     repaired_agrees, quant_agrees = repaired_top1 == float_top1, quant_top1 == float_top1

@@ -27,6 +27,7 @@ solver. It knows nothing of ONNX.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import enum
 import logging
 import os
@@ -148,7 +149,10 @@ class NeuronSolution:
     """The outcome for one neuron; `weight_delta` is None unless a solution was found.
 
     Attributes:
+        constraints: the sign rows (one per repair input) in the last program
+            solved: all of them without row generation.
         reason: why there is no solution, in words; empty when solved.
+        rounds: programs solved (more than one when row generation added rows).
     """
 
     neuron: int
@@ -159,6 +163,7 @@ class NeuronSolution:
     constraints: int
     reason: str = ""
     bias_delta: float = 0.0
+    rounds: int = 1
 
     @property
     def solved(self) -> bool:
@@ -178,10 +183,13 @@ def neuron_program(
     repair_bias: bool,
     margin: float,
     norm_weight: float = 0.01,
+    slack_weight: float | None = None,
 ) -> tuple[LinearProgram, ParameterBlock]:
     """One neuron's program under `encoding` (paper, soft or integer), and where its parameters sit in z.
 
     z = (u [m], u_b [1 if the bias is a variable], norm auxiliaries, slack [n if soft]).
+    `slack_weight` (default 1/n) lets a program over some of the rows keep the
+    full program's objective.
     """
     x, w = problem.inputs, problem.weights
     n, m = x.shape
@@ -212,7 +220,7 @@ def neuron_program(
 
     c = np.zeros(v)
     c[aux0 : aux0 + n_aux] = norm_weight if n_slack else 1.0
-    c[slack0:] = 1.0 / n if n else 0.0
+    c[slack0:] = slack_weight if slack_weight is not None else 1.0 / n if n else 0.0
     lower = np.full(v, -np.inf)
     upper = np.full(v, np.inf)
     lower[aux0:] = 0.0
@@ -235,22 +243,69 @@ def neuron_program(
 
 
 def solve_neuron(problem: NeuronProblem, config: SolveConfig) -> NeuronSolution:
-    """Build and solve the neuron's program; every failure comes back as a status with a reason."""
+    """Solve the neuron's program; every failure comes back as a status with a reason.
+
+    With `config.row_generation` (the default) the program is solved over a
+    working set of its sign rows: the rows broken or nearly so before any
+    change, then every row the last solution breaks, until it breaks none. A
+    program over fewer rows is a relaxation of the full one (a dropped row only
+    constrains, and its slack only adds to the objective), so a solution that
+    breaks no dropped row is optimal for the full program, and a relaxation
+    with no solution means the full program has none. Most inputs sit far from
+    the neuron's threshold, so the working set stays a small share of the rows.
+    """
     start = time.perf_counter()
-    program, block = neuron_program(
-        problem,
-        config.encoding,
-        config.resolved_objective,
-        config.resolved_repair_bias,
-        config.resolved_margin,
-        config.norm_weight,
-    )
-    status, z, objective = solve_program(program, config.backend, config.time_limit)
-    seconds = time.perf_counter() - start
-    if z is None:
-        return NeuronSolution(problem.neuron, status, None, None, seconds, len(program.rhs), _REASONS[status](config))
-    delta, beta = block.unpack(z)
-    return NeuronSolution(problem.neuron, status, delta, objective, seconds, len(program.rhs), "", beta)
+    n = len(problem.float_on)
+    margin = config.resolved_margin
+    sign = np.where(problem.float_on, 1.0, -1.0)
+    signed = sign * (problem.inputs @ problem.weights + problem.bias)
+    working = _initial_rows(signed, margin) if config.row_generation else np.ones(n, dtype=bool)
+    rounds = 0
+    while True:
+        rounds += 1
+        program, block = neuron_program(
+            _rows_of(problem, working),
+            config.encoding,
+            config.resolved_objective,
+            config.resolved_repair_bias,
+            margin,
+            config.norm_weight,
+            slack_weight=1.0 / n if n else 0.0,
+        )
+        time_left = max(config.time_limit - (time.perf_counter() - start), 0.01)
+        status, z, objective = solve_program(program, config.backend, time_left)
+        if z is None:
+            seconds, reason = time.perf_counter() - start, _REASONS[status](config)
+            rows = int(working.sum())
+            return NeuronSolution(problem.neuron, status, None, None, seconds, rows, reason, rounds=rounds)
+        delta, beta = block.unpack(z)
+        repaired = sign * (problem.inputs @ (problem.weights + delta) + problem.bias + beta)
+        broken = ~working & (repaired < margin - 1e-9)
+        if not broken.any():
+            seconds = time.perf_counter() - start
+            return NeuronSolution(
+                problem.neuron, status, delta, objective, seconds, int(working.sum()), "", beta, rounds=rounds
+            )
+        working |= broken
+
+
+def _initial_rows(signed: NDArray[np.float64], margin: float) -> NDArray[np.bool_]:
+    """The rows a first solve needs: every row broken before any change, and as many of the nearest kept ones."""
+    broken = signed < margin
+    nearest = max(_MIN_WORKING_ROWS, int(broken.sum()))
+    working = broken.copy()
+    kept = np.flatnonzero(~broken)
+    working[kept[np.argsort(signed[kept])[:nearest]]] = True
+    return working
+
+
+_MIN_WORKING_ROWS = 32
+
+
+def _rows_of(problem: NeuronProblem, rows: NDArray[np.bool_]) -> NeuronProblem:
+    if rows.all():
+        return problem
+    return dataclasses.replace(problem, inputs=problem.inputs[rows], float_on=problem.float_on[rows])
 
 
 def logit_program(
@@ -336,15 +391,15 @@ def solve_logit(problem: LogitProblem, config: SolveConfig) -> list[NeuronSoluti
     )
     status, z, objective = solve_program(program, config.backend, config.time_limit)
     seconds = time.perf_counter() - start
+    parameters = sum(len(b.weight_scale) + int(b.bias is not None) for b in blocks)
+    score_rows = len(program.rhs) - 2 * parameters  # without the norm rows
     solutions = []
     for neuron, block in zip(problem.neurons, blocks, strict=True):
         if z is None:
-            solutions.append(
-                NeuronSolution(neuron, status, None, None, seconds, len(program.rhs), _REASONS[status](config))
-            )
+            solutions.append(NeuronSolution(neuron, status, None, None, seconds, score_rows, _REASONS[status](config)))
         else:
             delta, beta = block.unpack(z)
-            solutions.append(NeuronSolution(neuron, status, delta, objective, seconds, len(program.rhs), "", beta))
+            solutions.append(NeuronSolution(neuron, status, delta, objective, seconds, score_rows, "", beta))
     return solutions
 
 

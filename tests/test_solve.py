@@ -112,7 +112,7 @@ def test_one_weight_hand_case(backend: SolverBackend) -> None:
     np.testing.assert_allclose(solution.weight_delta, [-1.25], atol=1e-7)
     assert solution.objective == pytest.approx(1.25, abs=1e-7)
     assert solution.reason == ""
-    assert solution.constraints == 1 + 2 * 1
+    assert solution.constraints == 1
 
 
 @pytest.mark.parametrize("backend", BACKENDS, ids=lambda b: b.value)
@@ -186,7 +186,7 @@ def test_solution_satisfies_every_constraint(backend: SolverBackend, seed: int) 
     assert solution.objective == pytest.approx(np.max(np.abs(delta)), abs=1e-6)
     # The random instance really needed a change.
     assert solution.objective > 1e-3
-    assert solution.constraints == len(problem.inputs) + 2 * 6
+    assert 1 <= solution.constraints <= len(problem.inputs)
     assert solution.seconds >= 0.0
 
 

@@ -1,0 +1,88 @@
+"""--jobs: neurons solved in worker processes give exactly what one process gives (issue 4, item 3)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from conftest import DigitsExample
+from helpers_issue3 import image_set, run_fix
+
+from onnxrepair import methods
+from onnxrepair.config import Encoding, Metric, SolveConfig
+from onnxrepair.graph import pair_layer
+from onnxrepair.methods import Method, read_layer_activity, repair_layer
+from onnxrepair.parallel import ProcessExecutor, SerialExecutor, available_cores
+
+
+def square_after_pause(value: int) -> int:
+    import time
+
+    time.sleep(0.01 * (value % 3))  # finish out of order
+    return value * value
+
+
+def test_process_executor_keeps_the_item_order() -> None:
+    items = list(range(23))
+    with ProcessExecutor(2) as executor:
+        assert list(executor.map(square_after_pause, items)) == [v * v for v in items]
+        assert list(executor.map(square_after_pause, [5])) == [25]  # one item: no pool needed
+    assert list(SerialExecutor().map(square_after_pause, items)) == [v * v for v in items]
+
+
+def test_available_cores_is_positive() -> None:
+    assert 1 <= available_cores()
+
+
+@pytest.mark.parametrize("encoding", [Encoding.SOFT, Encoding.INTEGER])
+def test_parallel_solves_equal_serial_solves(
+    digits: DigitsExample, monkeypatch: pytest.MonkeyPatch, encoding: Encoding
+) -> None:
+    monkeypatch.setattr(methods, "_FAN_OUT_MIN_INPUTS", 0)  # these small problems would stay serial otherwise
+    float_model, quant_model = onnx.load(str(digits.float_path)), onnx.load(str(digits.quant_path))
+    images = image_set(digits.x[:200], digits.y[:200])
+    pair = pair_layer(float_model, quant_model, "/fc1/Gemm")
+    activity = read_layer_activity(float_model, quant_model, pair, images.x, 256)
+    method = Method(encoding, Metric.EUCLID, 8)
+    config = SolveConfig(time_limit=60.0)
+    serial_model, serial = repair_layer(quant_model, pair, activity, method, config, executor=SerialExecutor())
+    with ProcessExecutor(2) as executor:
+        parallel_model, parallel = repair_layer(quant_model, pair, activity, method, config, executor=executor)
+        assert executor._pool is not None  # it really fanned out
+    assert parallel.selected == serial.selected
+    for mine, theirs in zip(parallel.solutions, serial.solutions, strict=True):
+        assert mine.neuron == theirs.neuron and mine.status is theirs.status
+        assert mine.objective == theirs.objective
+        np.testing.assert_array_equal(mine.weight_delta, theirs.weight_delta)
+        assert mine.bias_delta == theirs.bias_delta
+    assert parallel_model.SerializeToString() == serial_model.SerializeToString()
+
+
+def test_cli_jobs_and_report_timing_keys(digits: DigitsExample, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    reports = {}
+    for jobs in ("1", "2"):
+        output = tmp_path / f"jobs{jobs}.onnx"
+        args = [digits.float_path, digits.quant_path, digits.images, "-o", output, "--layer", "/fc1/Gemm"]
+        run = run_fix(capsys, *args, "--neurons", "6", "--jobs", jobs, "-q", report=tmp_path / f"jobs{jobs}.json")
+        assert run.code == 0, run.err
+        reports[jobs] = run.report
+    one, two = reports["1"], reports["2"]
+    assert one["neurons"] == two["neurons"] and one["repaired_agreement"] == two["repaired_agreement"]
+    assert (tmp_path / "jobs1.onnx").read_bytes() == (tmp_path / "jobs2.onnx").read_bytes()
+    seconds = [n["solve_seconds"] for n in one["layers"][0]["per_neuron"]]
+    assert one["solve_seconds_median"] == pytest.approx(float(np.median(seconds)))
+    assert one["solve_seconds_max"] == pytest.approx(max(seconds))
+    assert one["solve_seconds_median"] <= one["solve_seconds_p90"] <= one["solve_seconds_max"]
+    assert one["inference_seconds"] > 0
+    assert one["peak_memory_mb"] > 10  # this test process alone holds onnxruntime and numpy
+    json.dumps(one)  # plain JSON
+
+
+@pytest.mark.parametrize("bad", [["--jobs", "0"], ["--jobs", "x"]])
+def test_cli_jobs_is_checked(digits: DigitsExample, bad: list[str], capsys) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(SystemExit) as exc:
+        run_fix(capsys, digits.float_path, digits.quant_path, digits.images, *bad)
+    assert exc.value.code == 2

@@ -1,0 +1,106 @@
+"""Row generation gives the full program's optimum (issue 4, item 2), on random instances."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from onnxrepair.config import Encoding, Objective, SolveConfig
+from onnxrepair.solve import NeuronGrid, NeuronProblem, SolveStatus, max_violation, neuron_program, solve_neuron
+
+
+def head_like_problem(rng: np.random.Generator, n: int, m: int, integer: bool) -> NeuronProblem:
+    """A neuron over non-negative features (like a classifier head after pooling), most inputs far from 0.
+
+    The float signs come from hidden weights; the quantized weights are those
+    plus noise, so some rows are broken and most are satisfied by a wide margin.
+    """
+    x = np.abs(rng.normal(size=(n, m))) * (rng.random((n, m)) < 0.5)
+    w_star = rng.normal(scale=0.3, size=m)
+    bias = float(rng.normal(scale=0.5))
+    float_on = x @ w_star + bias > 0
+    weights = w_star + rng.normal(scale=0.05, size=m)
+    grid = None
+    if integer:
+        step = np.full(m, 0.02)
+        weights = np.round(weights / step) * step
+        grid = NeuronGrid(step, np.full(m, -20.0), np.full(m, 20.0), 0.001, -1000.0, 1000.0)
+    return NeuronProblem(int(rng.integers(100)), weights, bias, x, float_on, grid)
+
+
+CASES = [
+    (Encoding.SOFT, Objective.L1),
+    (Encoding.SOFT, Objective.LINF),
+    (Encoding.PAPER, Objective.LINF),
+    (Encoding.PAPER, Objective.L1),
+    (Encoding.INTEGER, Objective.L1),
+]
+
+
+@pytest.mark.parametrize(("encoding", "objective"), CASES, ids=lambda v: v.value)
+@pytest.mark.parametrize("seed", range(4))
+def test_row_generation_reaches_the_full_optimum(encoding: Encoding, objective: Objective, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    n, m = (120, 8) if encoding is Encoding.INTEGER else (400, 30)
+    problem = head_like_problem(rng, n, m, integer=encoding is Encoding.INTEGER)
+    config = SolveConfig(encoding=encoding, objective=objective, time_limit=60.0)
+    full = solve_neuron(problem, dataclasses.replace(config, row_generation=False))
+    generated = solve_neuron(problem, config)
+
+    assert generated.status is full.status
+    if not full.solved:
+        assert encoding is Encoding.PAPER and full.status is SolveStatus.INFEASIBLE and not generated.solved
+        return
+    assert full.constraints == n
+    assert generated.constraints < n  # it really left rows out
+    assert generated.objective == pytest.approx(full.objective, rel=1e-6, abs=1e-7)
+    # the generated solution is feasible for the full program, with the full program's objective
+    program, block = neuron_program(
+        problem, encoding, objective, config.resolved_repair_bias, config.resolved_margin, config.norm_weight
+    )
+    z = full_program_point(problem, config, generated.weight_delta, generated.bias_delta, block)
+    assert max_violation(program, z) <= 1e-6
+    assert float(program.c @ z) == pytest.approx(full.objective, rel=1e-6, abs=1e-7)
+
+
+def full_program_point(problem, config, delta, beta, block) -> np.ndarray:  # type: ignore[no-untyped-def]
+    """The full program's z for a (delta, beta): parameters, tightest norm auxiliaries and slacks."""
+    m, n = len(problem.weights), len(problem.float_on)
+    u = delta / block.weight_scale
+    params = u if block.bias is None else np.append(u, beta / block.bias_scale)
+    change = np.abs(params * np.append(block.weight_scale, block.bias_scale)[: len(params)])
+    aux = change if config.resolved_objective is Objective.L1 else np.array([change.max()])
+    z = np.concatenate([params, aux])
+    if config.encoding.soft:
+        sign = np.where(problem.float_on, 1.0, -1.0)
+        signed = sign * (problem.inputs @ (problem.weights + delta) + problem.bias + beta)
+        z = np.concatenate([z, np.maximum(config.resolved_margin - signed, 0.0)])
+    assert len(params) in (m, m + 1) and (not config.encoding.soft or len(z) == len(params) + len(aux) + n)
+    return z
+
+
+def test_row_generation_adds_rows_when_the_first_set_is_not_enough() -> None:
+    """Rows just outside the first working set, which the first solution breaks, are added in a later round."""
+    rng = np.random.default_rng(7)
+    problem = head_like_problem(rng, 2000, 40, integer=False)
+    config = SolveConfig(encoding=Encoding.SOFT, norm_weight=1e-4, time_limit=60.0)
+    generated = solve_neuron(problem, config)
+    full = solve_neuron(problem, dataclasses.replace(config, row_generation=False))
+    assert generated.rounds > 1
+    assert generated.objective == pytest.approx(full.objective, rel=1e-6, abs=1e-7)
+
+
+def test_an_infeasible_paper_program_is_reported_as_infeasible() -> None:
+    """Two equal inputs the float model puts on opposite sides: no weights satisfy both, with or without rows left out."""
+    rng = np.random.default_rng(3)
+    problem = head_like_problem(rng, 300, 10, integer=False)
+    inputs = np.vstack([problem.inputs, problem.inputs[:1], problem.inputs[:1]])
+    float_on = np.append(problem.float_on, [True, False])
+    problem = dataclasses.replace(problem, inputs=inputs, float_on=float_on)
+    for row_generation in (True, False):
+        config = SolveConfig(encoding=Encoding.PAPER, time_limit=60.0, row_generation=row_generation)
+        solution = solve_neuron(problem, config)
+        assert solution.status is SolveStatus.INFEASIBLE and not solution.solved
+        assert "no weight change" in solution.reason
