@@ -192,28 +192,25 @@ def _solve(
     deadline: float | None,
     executor: Executor,
 ) -> list[NeuronSolution]:
-    layer = pair.quant_layer
-    weights, bias = dense_parameters(quant_model, layer)
-    grid = layer_grid(quant_model, layer)
-    grids = [_neuron_grid(grid, j) for j in range(layer.n_out)]
-    inputs = activity.quant_inputs.astype(np.float64)
     if config.encoding is Encoding.LOGIT:
         if not activity.is_output_layer():
             raise UnsupportedModelError(
                 f"--encoding logit repairs the output layer only, and '{pair.float_layer.name}' does not give "
                 "the class scores; pick the last layer or another encoding"
             )
+        weights, bias = dense_parameters(quant_model, pair.quant_layer)
+        grid = layer_grid(quant_model, pair.quant_layer)
         targets = np.argmax(activity.float_scores, axis=1).astype(np.int64)
-        joint = LogitProblem(selected, weights, bias, inputs, targets, [grids[j] for j in selected])
+        inputs = activity.quant_inputs.astype(np.float64)
+        grids: list[NeuronGrid | None] = [_neuron_grid(grid, j) for j in selected]
+        joint = LogitProblem(selected, weights, bias, inputs, targets, grids)
         with progress.task("solving (joint)", 1) as advance:
             solutions = solve_logit(joint, _within(config, deadline))
             advance(1)
         return solutions
-    problems = [
-        NeuronProblem(j, weights[j], float(bias[j]), inputs, activity.float_pre[:, j] > 0, grids[j]) for j in selected
-    ]
+    problems = layer_problems(quant_model, pair, activity, selected)
     # a worker process costs a second to start: worth it only for several problems of some size
-    if len(problems) < 2 * executor.jobs or inputs.size < _FAN_OUT_MIN_INPUTS:
+    if len(problems) < 2 * executor.jobs or problems[0].inputs.size < _FAN_OUT_MIN_INPUTS:
         executor = SerialExecutor()
     wall_deadline = None if deadline is None else time.time() + (deadline - time.perf_counter())
     solve = functools.partial(solve_before, config=config, wall_deadline=wall_deadline)
@@ -228,6 +225,22 @@ def _solve(
 
 
 _FAN_OUT_MIN_INPUTS = 100_000  # repair inputs x layer inputs
+
+
+def layer_problems(
+    quant_model: onnx.ModelProto, pair: LayerPair, activity: LayerActivity, selected: list[int]
+) -> list[NeuronProblem]:
+    """One problem per selected neuron, as `repair_layer` solves them; all share one `inputs` array.
+
+    Sharing matters for --jobs: the array is pickled once per chunk of problems, not once per neuron.
+    """
+    weights, bias = dense_parameters(quant_model, pair.quant_layer)
+    grid = layer_grid(quant_model, pair.quant_layer)
+    inputs = activity.quant_inputs.astype(np.float64)
+    return [
+        NeuronProblem(j, weights[j], float(bias[j]), inputs, activity.float_pre[:, j] > 0, _neuron_grid(grid, j))
+        for j in selected
+    ]
 
 
 def solve_before(problem: NeuronProblem, config: SolveConfig, wall_deadline: float | None) -> NeuronSolution:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from onnxrepair.config import SolveConfig, SolverBackend
+from onnxrepair.config import Encoding, SolveConfig, SolverBackend
 from onnxrepair.data import load_image_folder, preprocessing_for_input
 from onnxrepair.graph import dense_parameters, input_spec, load_model, pair_layer
 from onnxrepair.repair import NoProgress, read_layer_activity
@@ -32,6 +32,9 @@ def main() -> None:
     parser.add_argument("--layer")
     parser.add_argument("--neurons", type=int, default=0, help="first N neurons of the layer (0: all)")
     parser.add_argument("--time-limit", type=float, default=60.0)
+    parser.add_argument(
+        "--row-generation", action="store_true", help="solve with row generation (default: the full program)"
+    )
     args = parser.parse_args()
     logging.getLogger("mip").setLevel(logging.ERROR)
 
@@ -49,16 +52,19 @@ def main() -> None:
         )
         for j in range(n)
     ]
-    results = {
-        backend: [solve_neuron(p, SolveConfig(backend=backend, time_limit=args.time_limit)) for p in problems]
+    configs = {
+        backend: SolveConfig(
+            encoding=Encoding.PAPER, backend=backend, time_limit=args.time_limit, row_generation=args.row_generation
+        )
         for backend in SolverBackend
     }
+    results = {backend: [solve_neuron(p, config) for p in problems] for backend, config in configs.items()}
     best = [
         min((r[i].objective for r in results.values() if r[i].objective is not None), default=None) for i in range(n)
     ]
     print(
         f"Layer {pair.float_layer.name} ({pair.float_layer.n_in} inputs), {len(images)} repair images, "
-        f"{n} neurons, paper encoding\n"
+        f"{n} neurons, paper encoding, {'row generation' if args.row_generation else 'full program'}\n"
     )
     print("| backend | median s | p90 s | max s | optimal | infeasible | other | worst gap to best optimum |")
     print("|---|---|---|---|---|---|---|---|")

@@ -1,0 +1,277 @@
+#!/usr/bin/env python
+"""How fast onnxrepair repairs an ImageNet classifier head (issue 4).
+
+The paper needed about 15 hours for MobileNetV2's 1280 -> 1000 head. This
+bench repairs the same shape of head, EfficientNet-Lite0's ``/_fc/Gemm``,
+built offline by ``tools/build_imagenet_example.py`` into ``cache/imagenet/``
+(int8 QDQ, 1,000 repair and 500 validation photo crops, no labels: the measure
+is top-1 agreement with the float model). Run from the repository root::
+
+    python tools/bench_speed.py                          # prints Markdown
+    python tools/bench_speed.py --out docs/BENCHMARKS.md # and writes its section there
+
+Two parts, both on the same machine in one run:
+
+1. ``onnxrepair fix`` as a user runs it (one subprocess per N, default
+   encoding and options): inference, per-neuron solve seconds (median, p90,
+   max), unsolved neurons, total wall time, peak memory (the report's keys),
+   and agreement with the float model on the validation crops.
+2. The naive full program against row generation on a sample of the head's
+   neurons, one process, one neuron at a time: seconds of each and the
+   objective each reaches, so the speed-up is a ratio measured side by side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+TOOLS = Path(__file__).resolve().parent
+ROOT = TOOLS.parent
+sys.path.insert(0, str(TOOLS))
+
+from bench_quality import fix_command, machine, versions  # noqa: E402
+
+START = "<!-- tools/bench_speed.py section: rewritten on each run with --out -->"
+END = "<!-- end of tools/bench_speed.py section -->"
+
+
+@dataclass
+class FixRun:
+    neurons: str
+    wall_seconds: float
+    exit_code: int
+    report: dict[str, Any] | None
+    error: str = ""
+
+
+def run_fix(cache: Path, neurons: str, args: argparse.Namespace) -> FixRun:
+    """One `onnxrepair fix` subprocess on the head; returns its report."""
+    out_dir = cache / "speed"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report = out_dir / f"n{neurons}.json"
+    report.unlink(missing_ok=True)
+    count = "100000" if neurons == "all" else neurons  # more than the layer has: every neuron
+    cmd = [
+        *fix_command(),
+        "fix",
+        str(cache / "float.onnx"),
+        str(cache / "quant.onnx"),
+        str(cache / "repair.npy"),
+        "--val",
+        str(cache / "val.npy"),
+        "-o",
+        str(out_dir / f"n{neurons}.onnx"),
+        "--report",
+        str(report),
+        "--force",
+        "-q",
+        "--neurons",
+        count,
+        "--jobs",
+        str(args.jobs),
+        *args.fix_args.split(),
+    ]
+    print("$", " ".join(cmd), file=sys.stderr, flush=True)
+    started = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    wall = time.perf_counter() - started
+    loaded = json.loads(report.read_text()) if report.exists() else None
+    error = "" if proc.returncode == 0 else (proc.stderr.strip().splitlines() or ["?"])[-1]
+    return FixRun(neurons, wall, proc.returncode, loaded, error)
+
+
+@dataclass
+class Comparison:
+    neuron: int
+    full_seconds: float
+    full_objective: float | None
+    generated_seconds: float
+    generated_objective: float | None
+    generated_rows: int
+    rounds: int
+    rows: int
+
+
+def compare_naive(cache: Path, sample: int, seed: int, time_limit: float) -> tuple[list[Comparison], float]:
+    """Full program vs row generation on `sample` neurons of the head (every neuron ranked, sampled evenly)."""
+    import onnx
+
+    from onnxrepair.config import SolveConfig
+    from onnxrepair.data import load_array_file
+    from onnxrepair.graph import find_dense_layers, input_spec, pair_layer
+    from onnxrepair.methods import layer_problems, read_layer_activity
+    from onnxrepair.solve import solve_neuron
+
+    float_model = onnx.load(str(cache / "float.onnx"))
+    quant_model = onnx.load(str(cache / "quant.onnx"))
+    images = load_array_file(cache / "repair.npy", input_spec(float_model).shape)
+    head = find_dense_layers(float_model)[-1].name
+    pair = pair_layer(float_model, quant_model, head)
+    started = time.perf_counter()
+    activity = read_layer_activity(float_model, quant_model, pair, images.x, 64)
+    inference = time.perf_counter() - started
+    rng = np.random.default_rng(seed)
+    chosen = sorted(rng.choice(pair.quant_layer.n_out, size=sample, replace=False).tolist())
+    config = SolveConfig(time_limit=time_limit)
+    results = []
+    for problem in layer_problems(quant_model, pair, activity, chosen):
+        generated = solve_neuron(problem, config)
+        full = solve_neuron(problem, replace(config, row_generation=False))
+        results.append(
+            Comparison(
+                problem.neuron,
+                full.seconds,
+                full.objective,
+                generated.seconds,
+                generated.objective,
+                generated.constraints,
+                generated.rounds,
+                len(problem.float_on),
+            )
+        )
+        print(
+            f"neuron {problem.neuron}: full {full.seconds:.1f} s (objective {full.objective}), rows generated "
+            f"{generated.seconds:.2f} s (objective {generated.objective}, {generated.constraints} rows, "
+            f"{generated.rounds} rounds)",
+            file=sys.stderr,
+            flush=True,
+        )
+    return results, inference
+
+
+def fmt(value: float | None, digits: int = 2) -> str:
+    return "—" if value is None else f"{value:.{digits}f}"
+
+
+def pct(value: float | None) -> str:
+    return "—" if value is None else f"{100 * value:.2f} %"
+
+
+def markdown(runs: list[FixRun], comparisons: list[Comparison], args: argparse.Namespace, build: dict) -> list[str]:
+    lines = [
+        "## Speed on an ImageNet head (EfficientNet-Lite0, 1280 -> 1000)",
+        "",
+        "Produced by:",
+        "",
+        "    python " + " ".join(["tools/bench_speed.py", *sys.argv[1:]]),
+        "",
+        f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
+        f"- machine: {machine()}",
+        f"- versions: {versions()}",
+        f"- model and data: `tools/build_imagenet_example.py` -> `{args.cache}` (not committed; "
+        f"`build.json` there lists the source photos): {build.get('summary', '')}",
+        f"- each row is one `onnxrepair fix FLOAT QUANT repair.npy --val val.npy --neurons N --jobs {args.jobs}` "
+        "run (default encoding `soft`, metric euclid, the head is the default layer); the columns are the "
+        "report's keys; wall = the subprocess, interpreter start included. No labels exist: agreement = "
+        "share of the 500 validation crops whose top-1 class equals the float model's.",
+        "",
+        "| N | wall s | inference s | solve s (all neurons) | per-neuron median s | p90 s | max s | unsolved | "
+        "peak memory MB | agreement quant -> repaired | fixed / broken |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for run in runs:
+        rep = run.report
+        if rep is None or run.exit_code not in (0, 1):
+            lines.append(f"| {run.neurons} | {run.wall_seconds:.1f} | error: {run.error} |||||||||")
+            continue
+        unsolved = rep.get("unsolved") or []
+        reasons = sorted({n.get("reason") for lay in rep["layers"] for n in lay["per_neuron"] if n.get("reason")})
+        lines.append(
+            f"| {run.neurons} | {run.wall_seconds:.1f} | {fmt(rep.get('inference_seconds'), 1)} | "
+            f"{fmt(rep.get('solve_seconds'), 1)} | {fmt(rep.get('solve_seconds_median'), 3)} | "
+            f"{fmt(rep.get('solve_seconds_p90'), 3)} | {fmt(rep.get('solve_seconds_max'), 3)} | "
+            f"{len(unsolved)}{' (' + '; '.join(reasons) + ')' if reasons else ''} | "
+            f"{fmt(rep.get('peak_memory_mb'), 0)} | {pct(rep.get('quant_agreement'))} -> "
+            f"{pct(rep.get('repaired_agreement'))} | {rep.get('fixed')} / {rep.get('broken')} |"
+        )
+    if comparisons:
+        full = [c.full_seconds for c in comparisons]
+        fast = [c.generated_seconds for c in comparisons]
+        ratios = [c.full_seconds / c.generated_seconds for c in comparisons]
+        lines += [
+            "",
+            f"Naive full program vs row generation, {len(comparisons)} neurons of the head sampled with seed "
+            f"{args.seed}, default encoding, one process, the same problem for both (1,000 repair crops):",
+            "",
+            "| neuron | full program s | objective | row generation s | objective | rows used / all | rounds | "
+            "speed-up |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for c in comparisons:
+            lines.append(
+                f"| {c.neuron} | {c.full_seconds:.2f} | {fmt(c.full_objective, 6)} | {c.generated_seconds:.3f} | "
+                f"{fmt(c.generated_objective, 6)} | {c.generated_rows} / {c.rows} | {c.rounds} | "
+                f"{c.full_seconds / c.generated_seconds:.0f}x |"
+            )
+        diffs = [
+            abs(c.full_objective - c.generated_objective) / max(abs(c.full_objective), 1e-12)
+            for c in comparisons
+            if c.full_objective is not None and c.generated_objective is not None
+        ]
+        lines += [
+            "",
+            f"- median seconds: full {np.median(full):.2f}, row generation {np.median(fast):.3f}; "
+            f"median speed-up {np.median(ratios):.0f}x (min {min(ratios):.0f}x); largest relative objective "
+            f"difference {max(diffs, default=float('nan')):.1e}",
+        ]
+    return lines
+
+
+def write_section(path: Path, lines: list[str]) -> None:
+    """Replace this bench's section of `path` (or append it), leaving the rest of the file as it is."""
+    text = path.read_text() if path.exists() else ""
+    section = "\n".join([START, "", *lines, "", END])
+    if START in text and END in text:
+        before, rest = text.split(START, 1)
+        after = rest.split(END, 1)[1]
+        text = before + section + after
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def main() -> int:
+    from onnxrepair.parallel import available_cores
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cache", type=Path, default=ROOT / "cache" / "imagenet")
+    parser.add_argument("--neurons", default="10,100,all", help="values of N for the fix runs (default: %(default)s)")
+    parser.add_argument("--jobs", type=int, default=available_cores())
+    parser.add_argument("--naive-sample", type=int, default=5, help="neurons for the full-program comparison")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--time-limit", type=float, default=600.0, help="per full program, seconds")
+    parser.add_argument("--fix-args", default="", help="extra options for every fix run")
+    parser.add_argument("--out", type=Path, help="write the section into this Markdown file")
+    args = parser.parse_args()
+
+    if not (args.cache / "quant.onnx").exists():
+        print(f"building the example into {args.cache} (tools/build_imagenet_example.py)", file=sys.stderr)
+        subprocess.run([sys.executable, str(TOOLS / "build_imagenet_example.py"), "--out", str(args.cache)], check=True)
+    build_json = args.cache / "build.json"
+    build = json.loads(build_json.read_text()) if build_json.exists() else {}
+    build.setdefault("summary", "")
+
+    runs = [run_fix(args.cache, n.strip(), args) for n in args.neurons.split(",") if n.strip()]
+    comparisons: list[Comparison] = []
+    if args.naive_sample > 0:
+        comparisons, _ = compare_naive(args.cache, args.naive_sample, args.seed, args.time_limit)
+    lines = markdown(runs, comparisons, args, build)
+    print("\n".join(lines))
+    if args.out:
+        write_section(args.out, lines)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
