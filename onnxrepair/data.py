@@ -191,7 +191,9 @@ def is_array_file(path: Path) -> bool:
 def load_array_file(path: Path, input_shape: Sequence[int | None]) -> ImageSet:
     """Read model-ready inputs from ``.npz`` (arrays ``x`` and optional ``y``) or ``.npy`` (``x`` only).
 
-    The arrays are used as they are: no resizing or scaling.
+    The arrays are used as they are: no resizing or scaling. A float32 ``.npy``
+    is memory-mapped, read-only: inference reads it batch by batch, so a large
+    set (1,000 ImageNet crops are 600 MB) need not sit in memory at once.
 
     Raises:
         DataError: the file is missing or unreadable, or ``x`` does not fit the model input.
@@ -199,7 +201,7 @@ def load_array_file(path: Path, input_shape: Sequence[int | None]) -> ImageSet:
     if not path.is_file():
         raise DataError(f"data file {path} does not exist")
     try:
-        loaded = np.load(path, allow_pickle=False)
+        loaded = np.load(path, allow_pickle=False, mmap_mode="r" if path.suffix == ".npy" else None)
         if isinstance(loaded, np.ndarray):
             arrays = {"x": loaded}
         else:
@@ -209,7 +211,7 @@ def load_array_file(path: Path, input_shape: Sequence[int | None]) -> ImageSet:
         raise DataError(f"{path} is not a readable .npz/.npy file ({exc})") from exc
     if "x" not in arrays:
         raise DataError(f"{path} has no array named 'x' (it has {sorted(arrays)}); save inputs as x and labels as y")
-    x = np.asarray(arrays["x"])
+    x = arrays["x"]
     expected = list(input_shape)[1:]
     if x.ndim != len(expected) + 1 or any(
         e is not None and e != d for e, d in zip(expected, x.shape[1:], strict=False)
@@ -226,7 +228,7 @@ def load_array_file(path: Path, input_shape: Sequence[int | None]) -> ImageSet:
         labels = y.astype(np.int64)
     n_classes = int(labels.max()) + 1 if labels is not None else 0
     return ImageSet(
-        x=x.astype(np.float32),
+        x=x if x.dtype == np.float32 else x.astype(np.float32),
         labels=labels,
         class_names=tuple(str(i) for i in range(n_classes)),
         paths=tuple(f"{path}[{i}]" for i in range(len(x))),

@@ -55,6 +55,22 @@ def test_npz_without_labels_and_npy(tmp_path: Path) -> None:
         np.testing.assert_array_equal(images.strata, np.zeros(4))  # one stratum for the splits
 
 
+def test_float32_npy_is_memory_mapped_read_only(tmp_path: Path) -> None:
+    """Large sets are read batch by batch from disk, and the file can never be written through the set."""
+    x = np.random.default_rng(0).random((5, 1, 4, 4), dtype=np.float32)
+    path = tmp_path / "x.npy"
+    np.save(path, x)
+    before = path.read_bytes()
+    images = load_array_file(path, [None, 1, 4, 4])
+    assert isinstance(images.x, np.memmap) and not images.x.flags.writeable
+    np.testing.assert_array_equal(images.x, x)
+    assert path.read_bytes() == before
+    doubles = tmp_path / "x64.npy"
+    np.save(doubles, x.astype(np.float64))
+    converted = load_array_file(doubles, [None, 1, 4, 4]).x
+    assert converted.dtype == np.float32 and not isinstance(converted, np.memmap)
+
+
 def test_dynamic_dimensions_accept_any_size(tmp_path: Path) -> None:
     np.save(tmp_path / "d.npy", np.zeros((3, 1, 5, 7), np.float32))
     assert load_array_file(tmp_path / "d.npy", (None, 1, None, None)).x.shape == (3, 1, 5, 7)
