@@ -13,7 +13,7 @@ import dataclasses
 import functools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -148,6 +148,7 @@ def repair_layer(
     progress: Progress | None = None,
     deadline: float | None = None,
     executor: Executor | None = None,
+    neurons: Sequence[int] | None = None,
 ) -> tuple[onnx.ModelProto, LayerRepair]:
     """Apply `method` to the layer of `quant_model` and return the patched copy.
 
@@ -155,6 +156,8 @@ def repair_layer(
         deadline: a time.perf_counter() value; neurons not started by then are
             left unchanged with that reason (the search's budget).
         executor: where the per-neuron problems are solved (default: here, one by one).
+        neurons: solve these neurons instead of the method's top N (to apply a
+            method again exactly as it was applied before).
 
     Raises:
         UnsupportedModelError: `logit` on a layer that is not the output layer,
@@ -171,7 +174,8 @@ def repair_layer(
         selected = list(range(layer.n_out))
         solutions = _bias_correction(layer, activity)
     else:
-        selected = [int(i) for i in rank_neurons(scores)[: method.neurons]]
+        ranked = rank_neurons(scores)[: method.neurons] if neurons is None else neurons
+        selected = [int(i) for i in ranked]
         executor = executor or SerialExecutor()
         solutions = _solve(quant_model, pair, activity, selected, config, progress, deadline, executor)
     solve_seconds = time.perf_counter() - started

@@ -39,6 +39,7 @@ from onnxrepair.methods import LayerRepair, Method, read_layer_activity, repair_
 from onnxrepair.parallel import Executor
 from onnxrepair.progress import NoProgress, Progress
 from onnxrepair.runtime import make_session, output_name, run_batched
+from onnxrepair.solve import SolveStatus
 
 logger = logging.getLogger(__name__)
 
@@ -179,6 +180,10 @@ class Confirmation:
         p_value: one-sided exact sign test of fixed against broken: the chance of
             at least this many fixed among fixed + broken if the methods did nothing.
         confirmed: fixed > broken, p_value <= 1 - confidence, and no net loss of accuracy.
+        unfinished: neuron solves the check left out because its time ran out
+            (it gets twice the kept methods' solve time per fold, at least a
+            minute); those neurons stay unchanged in that fold's model, which
+            can only weaken the evidence.
     """
 
     folds: int
@@ -189,6 +194,7 @@ class Confirmation:
     p_value: float
     confirmed: bool
     seconds: float
+    unfinished: int = 0
 
 
 def sign_test_p_value(wins: int, losses: int) -> float:
@@ -206,7 +212,11 @@ def confirm_methods(
     progress: Progress | None = None,
     executor: Executor | None = None,
 ) -> Confirmation:
-    """Cross-validate the kept methods over `repair_set` (see `Confirmation`)."""
+    """Cross-validate the kept methods over `repair_set` (see `Confirmation`).
+
+    Each kept method is applied to the neurons it changed in the search (so a
+    method the search's budget cut short is not completed here).
+    """
     assert config.search is not None
     progress = progress or NoProgress()
     started = time.perf_counter()
@@ -215,6 +225,9 @@ def confirm_methods(
     float_top1 = top1_classes(float_model, repair_set.x, config.batch_size, "FLOAT")
     quant_top1 = top1_classes(quant_model, repair_set.x, config.batch_size, "QUANT")
     repaired_top1 = quant_top1.copy()
+    # each fold costs about what the kept methods cost in the search; neurons not started by then stay unchanged
+    deadline = started + max(_MIN_CONFIRM_SECONDS, 2 * folds * sum(step.solve_seconds for step in steps))
+    unfinished = 0
     with progress.task(f"confirming on {folds} folds", folds) as advance:
         for fold in range(folds):
             fit, scored = np.flatnonzero(fold_of != fold), np.flatnonzero(fold_of == fold)
@@ -222,9 +235,18 @@ def confirm_methods(
             for step in steps:
                 pair = pair_layer(float_model, model, step.pair.float_layer.name)
                 activity = read_layer_activity(float_model, model, pair, repair_set.x[fit], config.batch_size)
-                model, _ = repair_layer(
-                    model, pair, activity, step.method, config.solve, config.seed, executor=executor
+                model, outcome = repair_layer(
+                    model,
+                    pair,
+                    activity,
+                    step.method,
+                    config.solve,
+                    config.seed,
+                    deadline=deadline,
+                    executor=executor,
+                    neurons=step.repaired_neurons,
                 )
+                unfinished += sum(s.status is SolveStatus.TIME_LIMIT for s in outcome.solutions)
             repaired_top1[scored] = top1_classes(model, repair_set.x[scored], config.batch_size, "candidate")
             advance(1)
     repaired_agrees, quant_agrees = repaired_top1 == float_top1, quant_top1 == float_top1
@@ -235,7 +257,11 @@ def confirm_methods(
         gained, lost = int(np.sum(repaired_right & ~quant_right)), int(np.sum(quant_right & ~repaired_right))
     p_value = sign_test_p_value(fixed, broken)
     confirmed = is_confirmed(fixed, broken, gained, lost, config.search.confidence)
-    return Confirmation(folds, fixed, broken, gained, lost, p_value, confirmed, time.perf_counter() - started)
+    seconds = time.perf_counter() - started
+    return Confirmation(folds, fixed, broken, gained, lost, p_value, confirmed, seconds, unfinished)
+
+
+_MIN_CONFIRM_SECONDS = 60.0
 
 
 def is_confirmed(fixed: int, broken: int, gained: int | None, lost: int | None, confidence: float) -> bool:

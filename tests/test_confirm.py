@@ -86,7 +86,8 @@ def test_confirmation_pools_out_of_fold_scores(digits_run) -> None:  # type: ign
         for step in result.layers:
             pair = pair_layer(float_model, model, step.pair.float_layer.name)
             activity = read_layer_activity(float_model, model, pair, repair_set.x[fit], config.batch_size)
-            model, _ = repair_layer(model, pair, activity, step.method, config.solve, config.seed)
+            neurons = step.repaired_neurons  # the neurons the search changed, re-solved on this fold's data
+            model, _ = repair_layer(model, pair, activity, step.method, config.solve, config.seed, neurons=neurons)
         repaired[~fit] = top1(model, repair_set.x[~fit])
     reference, quant = top1(float_model, repair_set.x), top1(quant_model, repair_set.x)
     assert check.fixed == np.sum((repaired == reference) & (quant != reference))

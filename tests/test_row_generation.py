@@ -93,7 +93,7 @@ def test_row_generation_adds_rows_when_the_first_set_is_not_enough() -> None:
 
 
 def test_an_infeasible_paper_program_is_reported_as_infeasible() -> None:
-    """Two equal inputs the float model puts on opposite sides: no weights satisfy both, with or without rows left out."""
+    """Two equal inputs the float model puts on opposite sides: no weights satisfy both, rows left out or not."""
     rng = np.random.default_rng(3)
     problem = head_like_problem(rng, 300, 10, integer=False)
     inputs = np.vstack([problem.inputs, problem.inputs[:1], problem.inputs[:1]])
