@@ -181,8 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     repair_group.add_argument(
         "--full-lp",
         action="store_true",
-        help="solve each neuron's full program instead of generating its rows (the same optimum, slower; "
-        "for benchmarks)",
+        help="solve each neuron's textbook full program (every row, the L1 norm through auxiliary rows) instead "
+        "of the structured one: the same optimum, slower; for benchmarks",
     )
     search_group = fix.add_argument_group("guarded search")
     search_group.add_argument(
@@ -284,7 +284,7 @@ def run_fix(args: argparse.Namespace, console: Console) -> int:
             norm_weight=args.norm_weight,
             time_limit=args.time_limit,
             backend=SolverBackend(args.solver),
-            row_generation=not args.full_lp,
+            structured=not args.full_lp,
         ),
         jobs=args.jobs,
         search=SearchConfig(

@@ -73,9 +73,13 @@ class SolveConfig:
         time_limit: seconds allowed for one problem; a problem that runs out is
             reported as timed out and left unchanged.
         backend: the python-mip solver.
-        row_generation: solve each neuron with the rows that can matter and add
-            the rows its solution breaks until none is broken (the same optimum
-            as the full program, far fewer rows); False solves the full program.
+        structured: solve each neuron's program the fast way, with the same
+            optimum: the L1 norm as a sum of split variables instead of rows,
+            and row generation (the rows that can matter first, then every row
+            the solution breaks, until it breaks none). False solves the
+            textbook full program, for benchmarks.
+        highs_options: extra HiGHS options as (name, value) pairs, applied
+            last (e.g. (("solver", "ipm"),) to compare LP methods).
     """
 
     encoding: Encoding = Encoding.SOFT
@@ -85,7 +89,8 @@ class SolveConfig:
     norm_weight: float = 0.01
     time_limit: float = 60.0
     backend: SolverBackend = SolverBackend.HIGHS
-    row_generation: bool = True
+    structured: bool = True
+    highs_options: tuple[tuple[str, str | float | int | bool], ...] = ()
 
     @property
     def resolved_objective(self) -> Objective:

@@ -1,4 +1,4 @@
-"""Row generation gives the full program's optimum (issue 4, item 2), on random instances."""
+"""The structured solve (split L1 variables, row generation) gives the full program's optimum (issue 4, item 2)."""
 
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ def test_row_generation_reaches_the_full_optimum(encoding: Encoding, objective: 
     n, m = (120, 8) if encoding is Encoding.INTEGER else (400, 30)
     problem = head_like_problem(rng, n, m, integer=encoding is Encoding.INTEGER)
     config = SolveConfig(encoding=encoding, objective=objective, time_limit=60.0)
-    full = solve_neuron(problem, dataclasses.replace(config, row_generation=False))
+    full = solve_neuron(problem, dataclasses.replace(config, structured=False))
     generated = solve_neuron(problem, config)
 
     assert generated.status is full.status
@@ -57,8 +57,14 @@ def test_row_generation_reaches_the_full_optimum(encoding: Encoding, objective: 
     assert generated.constraints < n  # it really left rows out
     assert generated.objective == pytest.approx(full.objective, rel=1e-6, abs=1e-7)
     # the generated solution is feasible for the full program, with the full program's objective
-    program, block = neuron_program(
-        problem, encoding, objective, config.resolved_repair_bias, config.resolved_margin, config.norm_weight
+    program, block = neuron_program(  # the textbook full program: z = (u, norm auxiliaries, slack)
+        problem,
+        encoding,
+        objective,
+        config.resolved_repair_bias,
+        config.resolved_margin,
+        config.norm_weight,
+        split_l1=False,
     )
     z = full_program_point(problem, config, generated.weight_delta, generated.bias_delta, block)
     assert max_violation(program, z) <= 1e-6
@@ -87,7 +93,7 @@ def test_row_generation_adds_rows_when_the_first_set_is_not_enough() -> None:
     problem = head_like_problem(rng, 2000, 40, integer=False)
     config = SolveConfig(encoding=Encoding.SOFT, norm_weight=1e-4, time_limit=60.0)
     generated = solve_neuron(problem, config)
-    full = solve_neuron(problem, dataclasses.replace(config, row_generation=False))
+    full = solve_neuron(problem, dataclasses.replace(config, structured=False))
     assert generated.rounds > 1
     assert generated.objective == pytest.approx(full.objective, rel=1e-6, abs=1e-7)
 
@@ -99,8 +105,8 @@ def test_an_infeasible_paper_program_is_reported_as_infeasible() -> None:
     inputs = np.vstack([problem.inputs, problem.inputs[:1], problem.inputs[:1]])
     float_on = np.append(problem.float_on, [True, False])
     problem = dataclasses.replace(problem, inputs=inputs, float_on=float_on)
-    for row_generation in (True, False):
-        config = SolveConfig(encoding=Encoding.PAPER, time_limit=60.0, row_generation=row_generation)
+    for structured in (True, False):
+        config = SolveConfig(encoding=Encoding.PAPER, time_limit=60.0, structured=structured)
         solution = solve_neuron(problem, config)
         assert solution.status is SolveStatus.INFEASIBLE and not solution.solved
         assert "no weight change" in solution.reason

@@ -54,7 +54,7 @@ def main() -> None:
     ]
     configs = {
         backend: SolveConfig(
-            encoding=Encoding.PAPER, backend=backend, time_limit=args.time_limit, row_generation=args.row_generation
+            encoding=Encoding.PAPER, backend=backend, time_limit=args.time_limit, structured=args.row_generation
         )
         for backend in SolverBackend
     }

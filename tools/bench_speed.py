@@ -125,7 +125,7 @@ def compare_naive(cache: Path, sample: int, seed: int, time_limit: float) -> tup
     results = []
     for problem in layer_problems(quant_model, pair, activity, chosen):
         generated = solve_neuron(problem, config)
-        full = solve_neuron(problem, replace(config, row_generation=False))
+        full = solve_neuron(problem, replace(config, structured=False))
         results.append(
             Comparison(
                 problem.neuron,
