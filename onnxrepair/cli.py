@@ -46,7 +46,7 @@ from onnxrepair.parallel import available_cores
 from onnxrepair.plot import plot_importance
 from onnxrepair.repair import list_layers, repair, resolve_layers
 from onnxrepair.report import RichProgress, nothing_better_reason, print_layers, print_summary, report_dict
-from onnxrepair.runtime import make_session
+from onnxrepair.runtime import default_batch_size, make_session
 
 logger = logging.getLogger(__name__)
 
@@ -217,7 +217,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="the out-of-fold sign test must pass at this level (default: %(default)g)",
     )
     fix.add_argument("--plot", type=Path, help="draw the layer's neuron importance to this PNG (needs matplotlib)")
-    fix.add_argument("--batch-size", type=_positive_int, default=256, help="images per inference run")
+    fix.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        help="images per inference run (default: up to 256, fewer so that a batch holds at most 32 MB of input)",
+    )
     _add_output_flags(fix)
     return parser
 
@@ -275,7 +279,7 @@ def run_fix(args: argparse.Namespace, console: Console) -> int:
         neurons=args.neurons,
         val_fraction=args.val_fraction,
         seed=args.seed,
-        batch_size=args.batch_size,
+        batch_size=args.batch_size or default_batch_size(input_spec(float_model).shape),
         solve=SolveConfig(
             encoding=Encoding(args.encoding),
             objective=Objective(args.objective) if args.objective else None,

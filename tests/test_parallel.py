@@ -16,6 +16,7 @@ from onnxrepair.config import Encoding, Metric, SolveConfig
 from onnxrepair.graph import pair_layer
 from onnxrepair.methods import Method, read_layer_activity, repair_layer
 from onnxrepair.parallel import ProcessExecutor, SerialExecutor, available_cores
+from onnxrepair.runtime import default_batch_size
 
 
 def square_after_pause(value: int) -> int:
@@ -86,3 +87,13 @@ def test_cli_jobs_is_checked(digits: DigitsExample, bad: list[str], capsys) -> N
     with pytest.raises(SystemExit) as exc:
         run_fix(capsys, digits.float_path, digits.quant_path, digits.images, *bad)
     assert exc.value.code == 2
+
+
+@pytest.mark.parametrize(
+    ("shape", "expected"),
+    [((None, 1, 28, 28), 256), ((None, 3, 224, 224), 55), ((None, 224, 224, 3), 55), ((None, 3, 4096, 4096), 1)],
+)
+def test_default_batch_size_bounds_the_input_per_batch(shape: tuple[int | None, ...], expected: int) -> None:
+    assert default_batch_size(shape) == expected
+    values = int(np.prod([d for d in shape[1:] if d]))
+    assert expected == 1 or expected * 4 * values <= 32 * 2**20

@@ -219,10 +219,10 @@ def markdown(runs: list[FixRun], comparisons: list[Comparison], args: argparse.N
         lines += [
             "",
             f"Naive full program (`--full-lp`) vs the structured solve, {len(comparisons)} neurons of the head "
-            f"sampled with seed {args.seed}, default encoding, one process, the same problem for both (1,000 repair crops):",
+            f"sampled with seed {args.seed}, default encoding, one process, the same problem for both "
+            "(1,000 repair crops):",
             "",
-            "| neuron | full program s | objective | structured s | objective | rows used / all | rounds | "
-            "speed-up |",
+            "| neuron | full program s | objective | structured s | objective | rows used / all | rounds | speed-up |",
             "|---|---|---|---|---|---|---|---|",
         ]
         for c in comparisons:
