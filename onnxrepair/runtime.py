@@ -15,6 +15,7 @@ import onnxruntime as ort
 from numpy.typing import NDArray
 
 from onnxrepair.errors import UnsupportedModelError
+from onnxrepair.parallel import available_cores
 
 
 def default_providers() -> list[str]:
@@ -32,6 +33,8 @@ def make_session(model: onnx.ModelProto, role: str, providers: Sequence[str] | N
     """
     options = ort.SessionOptions()
     options.log_severity_level = 3  # errors only; ORT's warnings are not the user's business here
+    # the cores this process may use (ORT counts the machine's, which oversubscribes a container or taskset)
+    options.intra_op_num_threads = available_cores()
     try:
         return ort.InferenceSession(
             model.SerializeToString(), sess_options=options, providers=list(providers or default_providers())
