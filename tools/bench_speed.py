@@ -167,6 +167,21 @@ def compare_naive(cache: Path, sample: int, seed: int, time_limit: float) -> tup
     return results, inference
 
 
+def build_summary(build: dict[str, Any]) -> str:
+    """One line on the model and data from build.json (written by tools/build_imagenet_example.py)."""
+    try:
+        counts, head = build["counts"], build["head"]
+        agreement = build["evaluation"]["val"]["top1_agreement"]
+        return (
+            f"head `{head['name']}` ({head['weight']['type']} {head['weight']['shape']}, per-channel), "
+            f"{counts['repair']} repair and {counts['val']} validation crops from disjoint photos, "
+            f"{counts['calibration']} calibration crops; the quantized model agrees with the float one on "
+            f"{100 * agreement:.1f} % of the validation crops."
+        )
+    except (KeyError, TypeError):
+        return ""
+
+
 def fmt(value: float | None, digits: int = 2) -> str:
     return "—" if value is None else f"{value:.{digits}f}"
 
@@ -293,7 +308,7 @@ def main() -> int:
         subprocess.run([sys.executable, str(TOOLS / "build_imagenet_example.py"), "--out", str(args.cache)], check=True)
     build_json = args.cache / "build.json"
     build = json.loads(build_json.read_text()) if build_json.exists() else {}
-    build.setdefault("summary", "")
+    build["summary"] = build_summary(build)
 
     runs = [run_fix(args.cache, n.strip(), args) for n in args.neurons.split(",") if n.strip()]
     comparisons: list[Comparison] = []
