@@ -249,6 +249,8 @@ def print_summary(console: Console, result: RepairResult, config: RepairConfig) 
         else f"inference {t.inference:.1f} s, solving {t.solve:.1f} s, rewriting {t.rewrite:.2f} s, "
     )
     if result.confirmation is not None:
+        stages += f"out-of-fold check {result.confirmation.seconds:.1f} s, "
+    if result.confirmation is not None:
         check = result.confirmation
         verdict = "[green]confirmed[/]" if check.confirmed else "[yellow]not confirmed[/]"
         console.print(
