@@ -30,3 +30,7 @@ class DataError(OnnxRepairError):
 
 class OutputError(OnnxRepairError):
     """The output cannot be written where the user asked."""
+
+
+class ResourceError(OnnxRepairError):
+    """The machine ran short of something the run needs (memory, a worker process)."""

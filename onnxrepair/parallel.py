@@ -14,8 +14,11 @@ import multiprocessing
 import os
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from types import TracebackType
 from typing import Protocol, TypeVar
+
+from onnxrepair.errors import ResourceError
 
 Item = TypeVar("Item")
 Result = TypeVar("Result")
@@ -57,7 +60,17 @@ class ProcessExecutor:
         if self._pool is None:
             self._pool = ProcessPoolExecutor(self.jobs, mp_context=multiprocessing.get_context("spawn"))
         chunk = max(1, math.ceil(len(items) / (4 * self.jobs)))
-        return self._pool.map(fn, items, chunksize=chunk)
+        return self._results(self._pool.map(fn, items, chunksize=chunk))
+
+    def _results(self, results: Iterator[Result]) -> Iterator[Result]:
+        try:
+            yield from results
+        except BrokenProcessPool as exc:  # a worker was killed, most often for memory
+            self._pool = None  # a broken pool cannot run anything more
+            raise ResourceError(
+                f"a solver worker process died (out of memory?); run again with fewer than {self.jobs} jobs, "
+                "e.g. --jobs 1"
+            ) from exc
 
     def close(self) -> None:
         if self._pool is not None:

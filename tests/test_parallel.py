@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ from helpers_issue3 import image_set, run_fix
 
 from onnxrepair import methods
 from onnxrepair.config import Encoding, Metric, SolveConfig
+from onnxrepair.errors import ResourceError
 from onnxrepair.graph import pair_layer
 from onnxrepair.methods import Method, read_layer_activity, repair_layer
 from onnxrepair.parallel import ProcessExecutor, SerialExecutor, available_cores
@@ -32,6 +34,19 @@ def test_process_executor_keeps_the_item_order() -> None:
         assert list(executor.map(square_after_pause, items)) == [v * v for v in items]
         assert list(executor.map(square_after_pause, [5])) == [25]  # one item: no pool needed
     assert list(SerialExecutor().map(square_after_pause, items)) == [v * v for v in items]
+
+
+def exit_on_two(value: int) -> int:
+    if value == 2:
+        os._exit(3)  # what the kernel's OOM killer does to a worker, as far as the pool can tell
+    return value
+
+
+def test_a_dead_worker_is_one_clear_error() -> None:
+    with ProcessExecutor(2) as executor:
+        with pytest.raises(ResourceError, match="--jobs 1"):
+            list(executor.map(exit_on_two, list(range(8))))
+        assert list(executor.map(square_after_pause, [1, 2, 3])) == [1, 4, 9]  # a fresh pool afterwards
 
 
 def test_available_cores_is_positive() -> None:
