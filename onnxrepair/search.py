@@ -231,6 +231,9 @@ def confirm_methods(
     with progress.task(f"confirming on {folds} folds", folds) as advance:
         for fold in range(folds):
             fit, scored = np.flatnonzero(fold_of != fold), np.flatnonzero(fold_of == fold)
+            if len(scored) == 0 or len(fit) == 0:  # fewer images than folds
+                advance(1)
+                continue
             model = quant_model
             for step in steps:
                 pair = pair_layer(float_model, model, step.pair.float_layer.name)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from math import comb
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from onnxrepair.data import load_image_folder, preprocessing_for_input, stratifi
 from onnxrepair.graph import input_spec, pair_layer
 from onnxrepair.methods import read_layer_activity, repair_layer
 from onnxrepair.repair import repair
-from onnxrepair.search import is_confirmed, sign_test_p_value
+from onnxrepair.search import confirm_methods, is_confirmed, sign_test_p_value
 
 
 @pytest.mark.parametrize(
@@ -124,3 +125,11 @@ def test_cli_confirmation_options_are_checked(digits: DigitsExample, bad: list[s
     with pytest.raises(SystemExit) as exc:
         run_fix(capsys, digits.float_path, digits.quant_path, digits.images, "--search", *bad)
     assert exc.value.code == 2
+
+
+def test_confirmation_with_fewer_images_than_folds(digits_run) -> None:  # type: ignore[no-untyped-def]
+    """Empty folds are skipped, not run through ONNX Runtime with zero rows."""
+    float_model, quant_model, repair_set, config, result = digits_run
+    tiny = repair_set.subset(np.arange(2))  # 3 folds: one of them is empty
+    check = confirm_methods(float_model, quant_model, result.layers, tiny, dataclasses.replace(config))
+    assert check.folds == 3 and check.fixed + check.broken <= 2
