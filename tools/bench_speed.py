@@ -182,6 +182,14 @@ def build_summary(build: dict[str, Any]) -> str:
         return ""
 
 
+def shown_path(path: Path) -> str:
+    """`path` relative to the repository when it is inside it (the docs should not name this machine's folders)."""
+    try:
+        return str(path.resolve().relative_to(ROOT))
+    except ValueError:
+        return str(path)
+
+
 def fmt(value: float | None, digits: int = 2) -> str:
     return "—" if value is None else f"{value:.{digits}f}"
 
@@ -201,7 +209,7 @@ def markdown(runs: list[FixRun], comparisons: list[Comparison], args: argparse.N
         f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
         f"- machine: {machine()}",
         f"- versions: {versions()}",
-        f"- model and data: `tools/build_imagenet_example.py` -> `{args.cache}` (not committed; "
+        f"- model and data: `tools/build_imagenet_example.py` -> `{shown_path(args.cache)}` (not committed; "
         f"`build.json` there lists the source photos): {build.get('summary', '')}",
         f"- each row is one `onnxrepair fix FLOAT QUANT repair.npy --val val.npy --neurons N --jobs {args.jobs}` "
         "run (default encoding `soft`, metric euclid, the head is the default layer); the columns are the "
