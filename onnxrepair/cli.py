@@ -46,7 +46,7 @@ from onnxrepair.parallel import available_cores
 from onnxrepair.plot import plot_importance
 from onnxrepair.repair import list_layers, repair, resolve_layers
 from onnxrepair.report import RichProgress, nothing_better_reason, print_layers, print_summary, report_dict
-from onnxrepair.runtime import default_batch_size, make_session
+from onnxrepair.runtime import default_batch_size, make_session, select_providers
 
 logger = logging.getLogger(__name__)
 
@@ -179,6 +179,13 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: the cores available, %(default)d)",
     )
     repair_group.add_argument(
+        "--provider",
+        choices=["auto", "cpu", "cuda"],
+        default="auto",
+        help="ONNX Runtime execution provider: auto uses CUDA when onnxruntime-gpu finds a GPU, else the CPU "
+        "(default: %(default)s)",
+    )
+    repair_group.add_argument(
         "--full-lp",
         action="store_true",
         help="solve each neuron's textbook full program (every row, the L1 norm through auxiliary rows) instead "
@@ -291,6 +298,7 @@ def run_fix(args: argparse.Namespace, console: Console) -> int:
             structured=not args.full_lp,
         ),
         jobs=args.jobs,
+        providers=tuple(select_providers(args.provider)),
         search=SearchConfig(
             budget=args.budget,
             holdout_fraction=args.holdout_fraction,
@@ -312,7 +320,7 @@ def run_fix(args: argparse.Namespace, console: Console) -> int:
         console.print(f"images: {len(repair_set)} for repair, {len(validation_set)} for validation", highlight=False)
         result = repair(float_model, quant_model, repair_set, validation_set, config, progress)
     if result.model is not None:
-        make_session(result.model, "repaired")  # one more check that ONNX Runtime loads what is written
+        make_session(result.model, "repaired", config.providers)  # one more check that ORT loads what is written
         save_model(result.model, paths.output)
     if paths.report is not None:
         report = report_dict(

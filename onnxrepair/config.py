@@ -148,6 +148,8 @@ class RepairConfig:
         solve: solver options.
         search: when set, search configurations instead of applying `solve` once.
         jobs: processes that solve neurons in parallel (1: all in this process).
+        providers: ONNX Runtime execution providers, in order of preference;
+            empty: CUDA when this onnxruntime has it, then CPU.
     """
 
     layers: tuple[str, ...] = ()
@@ -159,3 +161,4 @@ class RepairConfig:
     solve: SolveConfig = SolveConfig()
     search: SearchConfig | None = None
     jobs: int = 1
+    providers: tuple[str, ...] = ()

@@ -117,16 +117,20 @@ def read_layer_activity(
     x: NDArray[np.float32],
     batch_size: int,
     progress: Progress | None = None,
+    *,
+    providers: Sequence[str] | None = None,
 ) -> LayerActivity:
-    """Run tapped copies of both models that also output the layer's input and pre-activation."""
+    """Run tapped copies of both models that also output the layer's input and pre-activation.
+
+    `providers`: ONNX Runtime execution providers (default: CUDA when present, then CPU).
+    """
     progress = progress or NoProgress()
     f_layer, q_layer = pair.float_layer, pair.quant_layer
     f_out, q_out = output_name(float_model), output_name(quant_model)
     with progress.task("reading spectra", 2 * len(x)) as advance:
-        f = _run_tapped(float_model, "FLOAT", [f_out, f_layer.output_tensor], x, batch_size, advance)
-        q = _run_tapped(
-            quant_model, "QUANT", [q_out, q_layer.input_tensor, q_layer.output_tensor], x, batch_size, advance
-        )
+        f = _run_tapped(float_model, "FLOAT", [f_out, f_layer.output_tensor], x, batch_size, advance, providers)
+        quant_names = [q_out, q_layer.input_tensor, q_layer.output_tensor]
+        q = _run_tapped(quant_model, "QUANT", quant_names, x, batch_size, advance, providers)
     _check_width(f[f_layer.output_tensor], f_layer, "FLOAT")
     _check_width(q[q_layer.output_tensor], q_layer, "QUANT")
     return LayerActivity(
@@ -296,10 +300,11 @@ def _run_tapped(
     x: NDArray[np.float32],
     batch_size: int,
     advance: Callable[[int], None],
+    providers: Sequence[str] | None,
 ) -> dict[str, NDArray[np.float32]]:
     input_name = input_spec(model).name
     outputs = [n for n in dict.fromkeys(names) if n != input_name]
-    session = make_session(with_outputs(model, outputs), role)
+    session = make_session(with_outputs(model, outputs), role, providers)
     values = run_batched(session, x, outputs, batch_size, advance)
     if input_name in names:  # the layer reads the graph input directly
         values[input_name] = x.reshape(len(x), -1)

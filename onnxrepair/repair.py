@@ -11,6 +11,7 @@ import dataclasses
 import functools
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import onnx
@@ -169,7 +170,8 @@ def _repair(
     if config.search is not None:
         fit_idx, holdout_idx = stratified_split(repair_set.strata, config.search.holdout_fraction, config.seed)
         fit_set, holdout = repair_set.subset(fit_idx), repair_set.subset(holdout_idx)
-        scorer, holdout_size = HoldoutScorer(float_model, holdout.x, holdout.labels, config.batch_size), len(holdout)
+        scorer = HoldoutScorer(float_model, holdout.x, holdout.labels, config.batch_size, config.providers or None)
+        holdout_size = len(holdout)
     holdout_before = scorer.score(quant_model) if scorer is not None else None
 
     current = quant_model
@@ -199,7 +201,9 @@ def _repair(
             pair = pair_layer(float_model, current, name)
             logger.info("repairing layer %s (paired by %s)", pair.float_layer.name, pair.paired_by)
             step = time.perf_counter()
-            activity = read_layer_activity(float_model, current, pair, fit_set.x, config.batch_size, progress)
+            activity = read_layer_activity(
+                float_model, current, pair, fit_set.x, config.batch_size, progress, providers=config.providers or None
+            )
             inference_seconds += time.perf_counter() - step
             method = Method(config.solve.encoding, config.metric, config.neurons)
             step = time.perf_counter()
@@ -219,7 +223,13 @@ def _repair(
 
     evaluate_started = time.perf_counter()
     evaluation = evaluate_models(
-        float_model, quant_model, model or quant_model, validation_set, config.batch_size, progress
+        float_model,
+        quant_model,
+        model or quant_model,
+        validation_set,
+        config.batch_size,
+        progress,
+        config.providers or None,
     )
     evaluate_seconds = time.perf_counter() - evaluate_started
     total = time.perf_counter() - started
@@ -256,6 +266,7 @@ def evaluate_models(
     images: ImageSet,
     batch_size: int,
     progress: Progress | None = None,
+    providers: Sequence[str] | None = None,
 ) -> Evaluation:
     """Top-1 accuracy and agreement of the three untapped models on `images`."""
     progress = progress or NoProgress()
@@ -263,7 +274,7 @@ def evaluate_models(
     with progress.task("evaluating", 3 * len(images)) as advance:
         for model, role in ((float_model, "FLOAT"), (quant_model, "QUANT"), (repaired_model, "repaired")):
             name = output_name(model)
-            session = make_session(model, role)
+            session = make_session(model, role, providers)
             scores.append(run_batched(session, images.x, [name], batch_size, advance)[name])
     float_scores, quant_scores, repaired_scores = scores
     return evaluate_scores(float_scores, quant_scores, repaired_scores, images.labels)

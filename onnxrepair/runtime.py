@@ -14,15 +14,36 @@ import onnx
 import onnxruntime as ort
 from numpy.typing import NDArray
 
-from onnxrepair.errors import UnsupportedModelError
+from onnxrepair.errors import DataError, UnsupportedModelError
 from onnxrepair.parallel import available_cores
 
 
 def default_providers() -> list[str]:
     """CUDA first when this onnxruntime build has it, CPU always as the fallback."""
-    available = ort.get_available_providers()
-    preferred = [p for p in ("CUDAExecutionProvider",) if p in available]
-    return [*preferred, "CPUExecutionProvider"]
+    return select_providers("auto")
+
+
+def select_providers(choice: str, available: Sequence[str] | None = None) -> list[str]:
+    """The execution providers for `--provider` auto, cpu or cuda, given what onnxruntime offers.
+
+    `available` defaults to what the installed onnxruntime reports.
+
+    Raises:
+        DataError: cuda asked for where this onnxruntime has no CUDA provider.
+    """
+    cuda = "CUDAExecutionProvider"
+    available = ort.get_available_providers() if available is None else available
+    if choice == "cpu":
+        return ["CPUExecutionProvider"]
+    if choice == "cuda" and cuda not in available:
+        raise DataError(
+            "--provider cuda: this onnxruntime has no CUDAExecutionProvider (it offers "
+            f"{', '.join(available) or 'none'}); install onnxruntime-gpu on a machine with an NVIDIA GPU, "
+            "or use --provider cpu"
+        )
+    if choice not in ("auto", "cuda"):
+        raise DataError(f"--provider must be auto, cpu or cuda, got {choice!r}")
+    return [cuda, "CPUExecutionProvider"] if cuda in available else ["CPUExecutionProvider"]
 
 
 def make_session(model: onnx.ModelProto, role: str, providers: Sequence[str] | None = None) -> ort.InferenceSession:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -75,22 +75,32 @@ class HoldoutScorer:
     """Scores models on held-out images against the float model's top-1 classes."""
 
     def __init__(
-        self, float_model: onnx.ModelProto, x: NDArray[np.float32], labels: NDArray[np.int64] | None, batch_size: int
+        self,
+        float_model: onnx.ModelProto,
+        x: NDArray[np.float32],
+        labels: NDArray[np.int64] | None,
+        batch_size: int,
+        providers: Sequence[str] | None = None,
     ) -> None:
-        self.x, self.labels, self.batch_size = x, labels, batch_size
-
-        self.float_top1 = top1_classes(float_model, x, batch_size, "FLOAT")
+        self.x, self.labels, self.batch_size, self.providers = x, labels, batch_size, providers
+        self.float_top1 = top1_classes(float_model, x, batch_size, "FLOAT", providers)
 
     def score(self, model: onnx.ModelProto) -> Score:
-        top1 = top1_classes(model, self.x, self.batch_size, "candidate")
+        top1 = top1_classes(model, self.x, self.batch_size, "candidate", self.providers)
         accuracy = None if self.labels is None else float(np.mean(top1 == self.labels))
         return Score(float(np.mean(top1 == self.float_top1)), accuracy)
 
 
-def top1_classes(model: onnx.ModelProto, x: NDArray[np.float32], batch_size: int, role: str) -> NDArray[np.int64]:
+def top1_classes(
+    model: onnx.ModelProto,
+    x: NDArray[np.float32],
+    batch_size: int,
+    role: str,
+    providers: Sequence[str] | None = None,
+) -> NDArray[np.int64]:
     """The model's top-1 class for every input, from a default (untapped) session."""
     name = output_name(model)
-    scores = run_batched(make_session(model, role), x, [name], batch_size)[name]
+    scores = run_batched(make_session(model, role, providers), x, [name], batch_size)[name]
     return np.argmax(scores, axis=1)
 
 
@@ -127,10 +137,11 @@ def search_layer(
     """Hill-climb over candidate methods for one layer; returns (best model, what it applied, every trial)."""
     assert config.search is not None
     progress = progress or NoProgress()
+    providers = config.providers or None
     best_model, best_score = quant_model, scorer.score(quant_model)
     pair = pair_of(best_model)
     name, n_out = pair.float_layer.name, pair.quant_layer.n_out
-    activity = read_layer_activity(float_model, best_model, pair, fit_x, config.batch_size)
+    activity = read_layer_activity(float_model, best_model, pair, fit_x, config.batch_size, providers=providers)
     methods = candidate_methods(n_out, activity.is_output_layer(), config.search)
     applied: list[LayerRepair] = []
     trials = [Trial(name, "unrepaired", best_score, True, 0.0)]
@@ -156,7 +167,9 @@ def search_layer(
                 applied.append(outcome)
                 # the next candidate starts from the patched model: read its spectra again
                 pair = pair_of(best_model)
-                activity = read_layer_activity(float_model, best_model, pair, fit_x, config.batch_size)
+                activity = read_layer_activity(
+                    float_model, best_model, pair, fit_x, config.batch_size, providers=providers
+                )
             advance(1)
     return best_model, applied, trials
 
@@ -222,8 +235,9 @@ def confirm_methods(
     started = time.perf_counter()
     folds = config.search.confirm_folds
     fold_of = stratified_folds(repair_set.strata, folds, config.seed)
-    float_top1 = top1_classes(float_model, repair_set.x, config.batch_size, "FLOAT")
-    quant_top1 = top1_classes(quant_model, repair_set.x, config.batch_size, "QUANT")
+    providers = config.providers or None
+    float_top1 = top1_classes(float_model, repair_set.x, config.batch_size, "FLOAT", providers)
+    quant_top1 = top1_classes(quant_model, repair_set.x, config.batch_size, "QUANT", providers)
     repaired_top1 = quant_top1.copy()
     # each fold costs about what the kept methods cost in the search; neurons not started by then stay unchanged
     deadline = started + max(_MIN_CONFIRM_SECONDS, 2 * folds * sum(step.solve_seconds for step in steps))
@@ -237,7 +251,8 @@ def confirm_methods(
             model = quant_model
             for step in steps:
                 pair = pair_layer(float_model, model, step.pair.float_layer.name)
-                activity = read_layer_activity(float_model, model, pair, repair_set.x[fit], config.batch_size)
+                fit_x = repair_set.x[fit]
+                activity = read_layer_activity(float_model, model, pair, fit_x, config.batch_size, providers=providers)
                 model, outcome = repair_layer(
                     model,
                     pair,
@@ -250,7 +265,8 @@ def confirm_methods(
                     neurons=step.repaired_neurons,
                 )
                 unfinished += sum(s.status is SolveStatus.TIME_LIMIT for s in outcome.solutions)
-            repaired_top1[scored] = top1_classes(model, repair_set.x[scored], config.batch_size, "candidate")
+            scored_x = repair_set.x[scored]
+            repaired_top1[scored] = top1_classes(model, scored_x, config.batch_size, "candidate", providers)
             advance(1)
     repaired_agrees, quant_agrees = repaired_top1 == float_top1, quant_top1 == float_top1
     fixed, broken = int(np.sum(repaired_agrees & ~quant_agrees)), int(np.sum(quant_agrees & ~repaired_agrees))

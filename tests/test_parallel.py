@@ -12,13 +12,13 @@ import pytest
 from conftest import DigitsExample
 from helpers_issue3 import image_set, run_fix
 
-from onnxrepair import methods
+from onnxrepair import methods, runtime
 from onnxrepair.config import Encoding, Metric, SolveConfig
-from onnxrepair.errors import ResourceError
+from onnxrepair.errors import DataError, ResourceError
 from onnxrepair.graph import pair_layer
 from onnxrepair.methods import Method, read_layer_activity, repair_layer
 from onnxrepair.parallel import ProcessExecutor, SerialExecutor, available_cores
-from onnxrepair.runtime import default_batch_size
+from onnxrepair.runtime import default_batch_size, select_providers
 
 
 def square_after_pause(value: int) -> int:
@@ -112,3 +112,60 @@ def test_default_batch_size_bounds_the_input_per_batch(shape: tuple[int | None, 
     assert default_batch_size(shape) == expected
     values = int(np.prod([d for d in shape[1:] if d]))
     assert expected == 1 or expected * 4 * values <= 32 * 2**20
+
+
+# ---------------------------------------------------------------------------
+# --provider: the selection logic, without a GPU
+# ---------------------------------------------------------------------------
+
+CPU, CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"
+
+
+@pytest.mark.parametrize(
+    ("choice", "available", "expected"),
+    [
+        ("auto", [CPU], [CPU]),
+        ("auto", [CUDA, CPU], [CUDA, CPU]),
+        ("auto", ["TensorrtExecutionProvider", CUDA, CPU], [CUDA, CPU]),
+        ("cpu", [CUDA, CPU], [CPU]),
+        ("cuda", [CUDA, CPU], [CUDA, CPU]),
+    ],
+)
+def test_select_providers(choice: str, available: list[str], expected: list[str]) -> None:
+    assert select_providers(choice, available) == expected
+
+
+def test_cuda_without_a_cuda_build_is_one_clear_error() -> None:
+    with pytest.raises(DataError, match="onnxruntime-gpu"):
+        select_providers("cuda", [CPU])
+
+
+def test_cli_provider_reaches_every_session(
+    digits: DigitsExample, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Every ONNX Runtime session of a run gets the chosen providers (CUDA faked as available)."""
+    real_session = runtime.ort.InferenceSession
+    asked: list[list[str]] = []
+
+    def spy(model: bytes, sess_options=None, providers=None):  # type: ignore[no-untyped-def]
+        asked.append(list(providers))
+        return real_session(model, sess_options=sess_options, providers=[CPU])  # this machine has no GPU
+
+    monkeypatch.setattr(runtime.ort, "get_available_providers", lambda: [CUDA, CPU])
+    monkeypatch.setattr(runtime.ort, "InferenceSession", spy)
+    for choice, expected in (("cpu", [CPU]), ("auto", [CUDA, CPU])):
+        asked.clear()
+        args = [digits.float_path, digits.quant_path, digits.images, "-o", tmp_path / f"{choice}.onnx", "-q"]
+        run = run_fix(capsys, *args, "--provider", choice, "--search", "--budget", "5")
+        assert run.code in (0, 1), run.err
+        assert len(asked) >= 6 and all(p == expected for p in asked), asked
+
+
+def test_cli_provider_cuda_without_gpu_exits_2(digits: DigitsExample, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    if CUDA in runtime.ort.get_available_providers():
+        pytest.skip("this onnxruntime has CUDA")
+    output = tmp_path / "out.onnx"
+    run = run_fix(capsys, digits.float_path, digits.quant_path, digits.images, "-o", output, "--provider", "cuda")
+    assert run.code == 2
+    assert "onnxruntime-gpu" in run.err and "Traceback" not in run.err
+    assert not output.exists()
