@@ -105,6 +105,8 @@ def report_dict(
         "time_limit": config.solve.time_limit,
         "neurons_requested": config.neurons,
         "seed": config.seed,
+        "jobs": config.jobs,
+        "providers": list(config.providers),
         "preprocessing": preprocessing,
         "rewrite_seconds": result.timings.rewrite,
         "search_seconds": result.timings.search,

@@ -156,8 +156,10 @@ def test_cli_provider_reaches_every_session(
     for choice, expected in (("cpu", [CPU]), ("auto", [CUDA, CPU])):
         asked.clear()
         args = [digits.float_path, digits.quant_path, digits.images, "-o", tmp_path / f"{choice}.onnx", "-q"]
-        run = run_fix(capsys, *args, "--provider", choice, "--search", "--budget", "5")
+        report = tmp_path / f"{choice}.json"
+        run = run_fix(capsys, *args, "--provider", choice, "--search", "--budget", "5", report=report)
         assert run.code in (0, 1), run.err
+        assert run.report["providers"] == expected
         assert len(asked) >= 6 and all(p == expected for p in asked), asked
 
 
