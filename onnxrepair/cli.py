@@ -7,6 +7,7 @@ stderr, no traceback unless --debug), 130 interrupted.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 from collections.abc import Callable, Sequence
@@ -39,13 +40,20 @@ from onnxrepair.data import (
     preprocessing_for_input,
     stratified_split,
 )
-from onnxrepair.errors import DataError, OnnxRepairError
+from onnxrepair.errors import DataError, ModelPairingError, OnnxRepairError
 from onnxrepair.files import check_output_path, save_json, save_model
 from onnxrepair.graph import check_models_match, input_spec, load_model, pair_layer
 from onnxrepair.parallel import available_cores
 from onnxrepair.plot import plot_importance
-from onnxrepair.repair import list_layers, repair, resolve_layers
-from onnxrepair.report import RichProgress, nothing_better_reason, print_layers, print_summary, report_dict
+from onnxrepair.repair import list_layers, repair, resolve_layers, score_model
+from onnxrepair.report import (
+    RichProgress,
+    nothing_better_reason,
+    print_layers,
+    print_model_score,
+    print_summary,
+    report_dict,
+)
 from onnxrepair.runtime import default_batch_size, make_session, select_providers
 
 logger = logging.getLogger(__name__)
@@ -69,7 +77,19 @@ IMAGES holds one subfolder per class (IMAGES/<class>/*.png|jpg|jpeg|bmp|webp);
 classes are the folder names in sorted order. Without --val, a stratified
 --val-fraction of IMAGES is held out for validation and never used to repair.
 
-exit codes: 0 repaired model written, 2 bad input, 130 interrupted
+exit codes: 0 repaired model written, 1 --search found nothing better (no model
+written), 2 bad input, 130 interrupted
+"""
+
+EVAL_EXAMPLES = """\
+examples:
+  onnxrepair eval repaired.onnx val/ --against float.onnx
+  onnxrepair eval quant.onnx val.npz --report scores.json
+
+IMAGES is a folder of class subfolders or a .npz/.npy file, as for fix;
+without labels only the agreement with --against is reported.
+
+exit codes: 0 done, 2 bad input, 130 interrupted
 """
 
 
@@ -230,6 +250,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="images per inference run (default: up to 256, fewer so that a batch holds at most 32 MB of input)",
     )
     _add_output_flags(fix)
+
+    evaluate = commands.add_parser(
+        "eval",
+        help="top-1 accuracy of a model, and its agreement with the float model",
+        description="Score one model on images: top-1 accuracy (when labelled) and agreement with --against.",
+        epilog=EVAL_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    evaluate.add_argument("model", metavar="MODEL", type=Path, help="the ONNX model to score")
+    evaluate.add_argument("images", metavar="IMAGES", type=Path, help="class subfolders of images, or .npz/.npy")
+    evaluate.add_argument("--against", type=Path, help="the float model to compare top-1 classes with")
+    evaluate.add_argument("--report", type=Path, help="write the scores as JSON here")
+    evaluate.add_argument("--force", action="store_true", help="overwrite an existing --report")
+    evaluate.add_argument("--mean", type=float, nargs="+", help="per-channel mean of normalised input")
+    evaluate.add_argument("--std", type=float, nargs="+", help="per-channel std of normalised input")
+    evaluate.add_argument("--batch-size", type=_positive_int, help="images per inference run")
+    evaluate.add_argument("--provider", choices=["auto", "cpu", "cuda"], default="auto", help="ONNX Runtime provider")
+    _add_output_flags(evaluate)
     return parser
 
 
@@ -240,7 +278,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     console = Console(quiet=args.quiet)
     errors = Console(stderr=True)
     try:
-        return run_fix(args, console)
+        return run_eval(args, console) if args.command == "eval" else run_fix(args, console)
     except OnnxRepairError as exc:
         if args.debug:
             raise
@@ -357,6 +395,42 @@ def run_fix(args: argparse.Namespace, console: Console) -> int:
         console.print(f"[yellow]{reason}, so no model was written[/]{extras}", soft_wrap=True)
         return EXIT_NOTHING_BETTER
     console.print(f"repaired model written to [bold]{escape(str(paths.output))}[/]{extras}", soft_wrap=True)
+    return EXIT_OK
+
+
+def run_eval(args: argparse.Namespace, console: Console) -> int:
+    """`onnxrepair eval`: score MODEL on IMAGES, against the float model when given."""
+    model = load_model(args.model, "evaluated")
+    reference = load_model(args.against, "--against") if args.against else None
+    if reference is not None:
+        mine, theirs = input_spec(model), input_spec(reference)
+        if mine.shape[1:] != theirs.shape[1:]:
+            raise ModelPairingError(
+                f"the models take different inputs: MODEL '{mine.name}' {list(mine.shape)}, "
+                f"--against '{theirs.name}' {list(theirs.shape)}"
+            )
+    if args.report:
+        check_output_path(args.report, args.force, [p for p in (args.model, args.against) if p], "report")
+    spec = input_spec(model)
+    providers = select_providers(args.provider)
+    with RichProgress(console, enabled=not args.quiet) as progress:
+        if is_array_file(args.images):
+            images = load_array_file(args.images, spec.shape)
+        else:
+            prep = preprocessing_for_input(spec.name, spec.shape, args.mean, args.std)
+            with progress.task("loading images", len(list_class_images(args.images))) as advance:
+                images = load_image_folder(args.images, prep, advance)
+        batch_size = args.batch_size or default_batch_size(spec.shape)
+        score = score_model(model, images, batch_size, reference, providers, progress)
+    print_model_score(console, args.model, score, args.against)
+    if args.report:
+        scores = {
+            "model": str(args.model),
+            "against": str(args.against) if args.against else None,
+            "images": str(args.images),
+            **dataclasses.asdict(score),
+        }
+        save_json(scores, args.report)
     return EXIT_OK
 
 

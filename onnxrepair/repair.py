@@ -14,6 +14,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import onnx
 
 from onnxrepair.config import RepairConfig
@@ -278,6 +279,43 @@ def evaluate_models(
             scores.append(run_batched(session, images.x, [name], batch_size, advance)[name])
     float_scores, quant_scores, repaired_scores = scores
     return evaluate_scores(float_scores, quant_scores, repaired_scores, images.labels)
+
+
+@dataclass(frozen=True)
+class ModelScore:
+    """One model on one set of inputs (`onnxrepair eval`).
+
+    Attributes:
+        accuracy: top-1 accuracy against the labels; None without labels.
+        agreement: share of inputs whose top-1 class equals the reference
+            model's; None without a reference.
+    """
+
+    size: int
+    accuracy: float | None
+    agreement: float | None
+
+
+def score_model(
+    model: onnx.ModelProto,
+    images: ImageSet,
+    batch_size: int,
+    reference: onnx.ModelProto | None = None,
+    providers: Sequence[str] | None = None,
+    progress: Progress | None = None,
+) -> ModelScore:
+    """Top-1 accuracy of `model`, and its agreement with `reference` when one is given."""
+    progress = progress or NoProgress()
+    models = [(model, "MODEL")] + ([(reference, "--against")] if reference is not None else [])
+    top1 = []
+    with progress.task("evaluating", len(models) * len(images)) as advance:
+        for each, role in models:
+            name = output_name(each)
+            scores = run_batched(make_session(each, role, providers), images.x, [name], batch_size, advance)[name]
+            top1.append(np.argmax(scores, axis=1))
+    accuracy = None if images.labels is None else float(np.mean(top1[0] == images.labels))
+    agreement = None if reference is None else float(np.mean(top1[0] == top1[1]))
+    return ModelScore(len(images), accuracy, agreement)
 
 
 @dataclass(frozen=True)

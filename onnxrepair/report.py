@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
@@ -20,7 +21,7 @@ from rich.table import Table
 from onnxrepair import __version__
 from onnxrepair.config import Encoding, RepairConfig
 from onnxrepair.methods import LayerRepair
-from onnxrepair.repair import LayerRow, RepairResult
+from onnxrepair.repair import LayerRow, ModelScore, RepairResult
 from onnxrepair.search import Score
 
 
@@ -302,6 +303,17 @@ def _print_trials(console: Console, result: RepairResult) -> None:
             f"{t.seconds:.1f}",
             "[green]yes[/]" if t.accepted else "",
         )
+    console.print(table)
+
+
+def print_model_score(console: Console, model: Path, score: ModelScore, against: Path | None) -> None:
+    """What `onnxrepair eval` found, as one small table."""
+    table = Table(title=f"{escape(str(model))} on {score.size} images", title_justify="left")
+    table.add_column("")
+    table.add_column("value", justify="right")
+    table.add_row("top-1 accuracy", _pct(score.accuracy) + ("" if score.accuracy is not None else " (no labels)"))
+    if against is not None:
+        table.add_row(f"agreement with {escape(str(against))}", _pct(score.agreement))
     console.print(table)
 
 
