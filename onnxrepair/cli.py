@@ -33,8 +33,8 @@ from onnxrepair.config import (
 )
 from onnxrepair.data import (
     ImageSet,
+    count_images,
     is_array_file,
-    list_class_images,
     load_array_file,
     load_image_folder,
     preprocessing_for_input,
@@ -73,9 +73,11 @@ examples:
   onnxrepair fix float.onnx quant.onnx images/ --val val/ --metric ochiai --neurons 20 --report report.json
   onnxrepair fix --list-layers float.onnx quant.onnx
 
-IMAGES holds one subfolder per class (IMAGES/<class>/*.png|jpg|jpeg|bmp|webp);
-classes are the folder names in sorted order. Without --val, a stratified
---val-fraction of IMAGES is held out for validation and never used to repair.
+IMAGES holds one subfolder per class (IMAGES/<class>/*.png|jpg|jpeg|bmp|webp;
+classes are the folder names in sorted order), or images directly, labelled by
+--labels labels.csv (filename,label rows) or unlabelled (then only agreement
+with FLOAT is measured), or a .npz/.npy of model inputs. Without --val, a
+stratified --val-fraction of IMAGES is held out and never used to repair.
 
 exit codes: 0 repaired model written, 1 --search found nothing better (no model
 written), 2 bad input, 130 interrupted
@@ -123,7 +125,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     fix.add_argument("float_model", metavar="FLOAT", type=Path, help="the float ONNX model")
     fix.add_argument("quant_model", metavar="QUANT", type=Path, help="its ONNX Runtime QDQ quantized model")
-    fix.add_argument("images", metavar="IMAGES", type=Path, nargs="?", help="folder of class subfolders of images")
+    fix.add_argument(
+        "images",
+        metavar="IMAGES",
+        type=Path,
+        nargs="?",
+        help="images: class subfolders, a flat folder (labelled with --labels or not), or .npz/.npy",
+    )
     fix.add_argument("-o", "--output", type=Path, help="repaired model (default: QUANT with .repaired.onnx)")
     fix.add_argument("--report", type=Path, help="write a JSON report here")
     fix.add_argument("--force", action="store_true", help="overwrite existing output files")
@@ -147,6 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     split.add_argument("--val", type=Path, help="separate validation folder or .npz (default: hold out part of IMAGES)")
     split.add_argument("--val-fraction", type=_fraction, default=0.2, help="share of IMAGES held out (default: 0.2)")
     fix.add_argument("--seed", type=int, default=0, help="seed for the splits and the random metric (default: 0)")
+    fix.add_argument("--labels", type=Path, help="CSV of filename,label rows for a flat IMAGES folder")
+    fix.add_argument("--val-labels", type=Path, help="CSV of filename,label rows for a flat --val folder")
     fix.add_argument("--mean", type=float, nargs="+", help="per-channel mean, for models trained on normalised input")
     fix.add_argument("--std", type=float, nargs="+", help="per-channel std, for models trained on normalised input")
     repair_group = fix.add_argument_group("repair method")
@@ -261,6 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("model", metavar="MODEL", type=Path, help="the ONNX model to score")
     evaluate.add_argument("images", metavar="IMAGES", type=Path, help="class subfolders of images, or .npz/.npy")
     evaluate.add_argument("--against", type=Path, help="the float model to compare top-1 classes with")
+    evaluate.add_argument("--labels", type=Path, help="CSV of filename,label rows for a flat IMAGES folder")
     evaluate.add_argument("--report", type=Path, help="write the scores as JSON here")
     evaluate.add_argument("--force", action="store_true", help="overwrite an existing --report")
     evaluate.add_argument("--mean", type=float, nargs="+", help="per-channel mean of normalised input")
@@ -418,8 +429,8 @@ def run_eval(args: argparse.Namespace, console: Console) -> int:
             images = load_array_file(args.images, spec.shape)
         else:
             prep = preprocessing_for_input(spec.name, spec.shape, args.mean, args.std)
-            with progress.task("loading images", len(list_class_images(args.images))) as advance:
-                images = load_image_folder(args.images, prep, advance)
+            with progress.task("loading images", count_images(args.images)) as advance:
+                images = load_image_folder(args.images, prep, advance, labels_file=args.labels)
         batch_size = args.batch_size or default_batch_size(spec.shape)
         score = score_model(model, images, batch_size, reference, providers, progress)
     print_model_score(console, args.model, score, args.against)
@@ -445,18 +456,19 @@ def load_sets(
     """The repair and validation inputs: a separate --val, or a stratified split of IMAGES."""
     assert paths.images is not None
 
-    def load(path: Path, description: str, class_names: tuple[str, ...] | None = None) -> ImageSet:
+    def load(path: Path, description: str, labels: Path | None, class_names: tuple[str, ...] | None = None) -> ImageSet:
         if is_array_file(path):
             return load_array_file(path, input_shape)
         prep = preprocessing_for_input(input_name, input_shape, args.mean, args.std)
-        with progress.task(description, len(list_class_images(path))) as advance:
-            return load_image_folder(path, prep, advance, class_names=class_names)
+        with progress.task(description, count_images(path)) as advance:
+            return load_image_folder(path, prep, advance, class_names=class_names, labels_file=labels)
 
-    images = load(paths.images, "loading images")
+    images = load(paths.images, "loading images", args.labels)
     if paths.validation is None:
         repair_idx, val_idx = stratified_split(images.strata, config.val_fraction, config.seed)
         return images.subset(repair_idx), images.subset(val_idx)
-    return images, load(paths.validation, "loading --val", images.class_names or None)
+    class_names = images.class_names if args.val_labels is None and args.labels is None else None
+    return images, load(paths.validation, "loading --val", args.val_labels, class_names or None)
 
 
 def _add_output_flags(parser: argparse.ArgumentParser) -> None:

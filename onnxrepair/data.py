@@ -133,20 +133,28 @@ def load_image_folder(
     prep: Preprocessing,
     advance: Callable[[int], None] | None = None,
     class_names: Sequence[str] | None = None,
+    labels_file: Path | None = None,
 ) -> ImageSet:
-    """Read ``folder/<class>/*`` into an ImageSet.
+    """Read a folder of images into an ImageSet, in the layout the user has.
+
+    - ``folder/<class>/*``: labels from the folder names;
+    - ``folder/*`` with ``labels_file`` (CSV rows ``filename,label``, integer labels);
+    - ``folder/*`` alone: unlabelled (pass/fail comes from agreement with the float model).
 
     Args:
-        folder: the root holding one subfolder per class.
+        folder: the images.
         prep: how each image becomes a model input.
         advance: called with 1 after each file, for progress display.
         class_names: the classes of a repair folder, so that a validation
             folder maps the same names to the same labels.
+        labels_file: labels of a flat folder.
 
     Raises:
-        DataError: the folder is missing, has no class subfolders, or no image
-            in it can be read.
+        DataError: the folder is missing or has no images, the labels file is
+            unusable, or no image in it can be read.
     """
+    if labels_file is not None or not _has_class_subfolders(folder):
+        return _load_flat_folder(folder, prep, advance, labels_file)
     files = list_class_images(folder)
     names = tuple(sorted({cls for cls, _ in files})) if class_names is None else tuple(class_names)
     index = {name: i for i, name in enumerate(names)}
@@ -155,29 +163,132 @@ def load_image_folder(
         raise DataError(
             f"{folder} has class folders {unknown} that the repair images do not have (known classes: {list(names)})"
         )
-    arrays, labels, paths, skipped = [], [], [], []
-    for cls, path in files:
+    x, kept, skipped = _decode([path for _, path in files], prep, advance, folder)
+    decoded = set(kept)
+    labels = np.asarray([index[cls] for cls, path in files if str(path) in decoded], dtype=np.int64)
+    return ImageSet(x=x, labels=labels, class_names=names, paths=tuple(kept), skipped=tuple(skipped))
+
+
+def count_images(folder: Path) -> int:
+    """How many image files `load_image_folder` will read (for progress bars)."""
+    if _has_class_subfolders(folder):
+        return len(list_class_images(folder))
+    return len(list_flat_images(folder))
+
+
+def list_flat_images(folder: Path) -> list[Path]:
+    """The image files directly in `folder`, sorted.
+
+    Raises:
+        DataError: the folder is missing or holds no image.
+    """
+    _check_folder(folder)
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise DataError(
+            f"image folder {folder} has no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in it or in class subfolders"
+        )
+    return files
+
+
+def read_labels_file(path: Path, folder: Path) -> dict[str, int]:
+    """file name -> integer label from a CSV of ``filename,label`` rows (a ``filename,label`` header is allowed).
+
+    Raises:
+        DataError: the file is missing or unreadable, a row is malformed or has
+            a non-integer label, or a row names a file that is not in `folder`.
+    """
+    if not path.is_file():
+        raise DataError(f"labels file {path} does not exist")
+    try:
+        lines = path.read_text(encoding="utf-8-sig").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"labels file {path} cannot be read ({exc})") from exc
+    labels: dict[str, int] = {}
+    for number, line in enumerate(lines, start=1):
+        fields = [f.strip() for f in line.split(",")]
+        if not line.strip() or (number == 1 and [f.lower() for f in fields] == ["filename", "label"]):
+            continue
+        if len(fields) != 2 or not fields[0]:
+            raise DataError(f"{path}, line {number}: expected 'filename,label', got {line!r}")
+        name, label = fields
+        try:
+            value = int(label)
+        except ValueError:
+            raise DataError(f"{path}, line {number}: label {label!r} of {name} is not an integer") from None
+        if value < 0:
+            raise DataError(f"{path}, line {number}: label {value} of {name} is negative")
+        if not (folder / name).is_file():
+            raise DataError(f"{path}, line {number}: {name} is not a file in {folder}")
+        labels[name] = value
+    if not labels:
+        raise DataError(f"labels file {path} has no rows")
+    return labels
+
+
+def _load_flat_folder(
+    folder: Path, prep: Preprocessing, advance: Callable[[int], None] | None, labels_file: Path | None
+) -> ImageSet:
+    files = list_flat_images(folder)
+    if labels_file is None:
+        x, kept, skipped = _decode(files, prep, advance, folder)
+        return ImageSet(x=x, labels=None, class_names=(), paths=tuple(kept), skipped=tuple(skipped))
+    labels = read_labels_file(labels_file, folder)
+    unlabelled = [p.name for p in files if p.name not in labels]
+    if unlabelled:
+        logger.warning(
+            "%s: %d image(s) have no row in %s and are left out, e.g. %s",
+            folder,
+            len(unlabelled),
+            labels_file,
+            unlabelled[0],
+        )
+    files = [p for p in files if p.name in labels]
+    if not files:
+        raise DataError(f"none of the images in {folder} has a row in {labels_file}")
+    x, kept, skipped = _decode(files, prep, advance, folder)
+    y = np.asarray([labels[Path(path).name] for path in kept], dtype=np.int64)
+    names = tuple(str(i) for i in range(int(max(labels.values())) + 1))
+    return ImageSet(x=x, labels=y, class_names=names, paths=tuple(kept), skipped=tuple(skipped))
+
+
+def _decode(
+    files: Sequence[Path], prep: Preprocessing, advance: Callable[[int], None] | None, folder: Path
+) -> tuple[NDArray[np.float32], list[str], list[str]]:
+    """Decode every file; undecodable ones are skipped with a warning, an error only if none is left."""
+    arrays, kept, skipped = [], [], []
+    for path in files:
         try:
             arrays.append(load_image(path, prep))
         except (OSError, UnidentifiedImageError, ValueError) as exc:
             logger.warning("skipping %s: cannot decode it as an image (%s)", path, exc)
             skipped.append(str(path))
         else:
-            labels.append(index[cls])
-            paths.append(str(path))
+            kept.append(str(path))
         if advance is not None:
             advance(1)
     if not arrays:
         raise DataError(f"{folder}: none of its {len(files)} image files could be decoded")
     if skipped:
         logger.warning("%s: skipped %d file(s) that could not be decoded", folder, len(skipped))
-    return ImageSet(
-        x=np.stack(arrays).astype(np.float32),
-        labels=np.asarray(labels, dtype=np.int64),
-        class_names=names,
-        paths=tuple(paths),
-        skipped=tuple(skipped),
+    return np.stack(arrays).astype(np.float32), kept, skipped
+
+
+def _has_class_subfolders(folder: Path) -> bool:
+    _check_folder(folder)
+    return any(
+        path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES
+        for sub in folder.iterdir()
+        if sub.is_dir()
+        for path in sub.iterdir()
     )
+
+
+def _check_folder(folder: Path) -> None:
+    if not folder.exists():
+        raise DataError(f"image folder {folder} does not exist")
+    if not folder.is_dir():
+        raise DataError(f"{folder} is not a folder; pass a folder of images (or of class subfolders)")
 
 
 ARRAY_SUFFIXES = frozenset({".npz", ".npy"})

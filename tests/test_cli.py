@@ -259,7 +259,13 @@ BAD_INPUTS = {
     "truncated-onnx": BadInput(["float.onnx", "half.onnx", "imgs"], ("QUANT", "half.onnx")),
     "float-as-quant": BadInput(["float.onnx", "float.onnx", "imgs"], ("QUANT", "not a QDQ model")),
     "empty-folder": BadInput(["float.onnx", "quant.onnx", "nothing_here"], ("nothing_here", "has no images")),
-    "no-class-folders": BadInput(["float.onnx", "quant.onnx", "loose"], ("loose", "subfolder per class")),
+    "labels-name-a-missing-file": BadInput(
+        ["float.onnx", "quant.onnx", "loose", "--labels", "missing.csv"], ("missing.csv", "line 3", "9.png")
+    ),
+    "labels-not-integer": BadInput(
+        ["float.onnx", "quant.onnx", "loose", "--labels", "words.csv"], ("words.csv", "'cat'")
+    ),
+    "labels-file-missing": BadInput(["float.onnx", "quant.onnx", "loose", "--labels", "nope.csv"], ("nope.csv",)),
     "unknown-layer": BadInput(["float.onnx", "quant.onnx", "imgs", "--layer", "nope"], ("'nope'", "/fc2/Gemm")),
     "models-do-not-match": BadInput(["flat.onnx", "quant.onnx", "imgs"], ("different inputs", "[None, 64]")),
 }
@@ -284,7 +290,9 @@ def prepare_bad_inputs(digits: DigitsExample, root: Path) -> list[Path]:
     (root / "loose").mkdir()
     for i in range(3):
         Image.fromarray(np.full((8, 8), 40 * i, np.uint8)).save(root / "loose" / f"{i}.png")
-    names = ("float.onnx", "quant.onnx", "random.onnx", "half.onnx", "flat.onnx", "imgs", "loose")
+    (root / "missing.csv").write_text("filename,label\n0.png,1\n9.png,2\n")
+    (root / "words.csv").write_text("0.png,cat\n")
+    names = ("float.onnx", "quant.onnx", "random.onnx", "half.onnx", "flat.onnx", "imgs", "loose", "missing.csv")
     return [root / name for name in names]
 
 
