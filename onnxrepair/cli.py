@@ -32,6 +32,7 @@ from onnxrepair.config import (
     SolverBackend,
 )
 from onnxrepair.data import (
+    PRESETS,
     ImageSet,
     count_images,
     is_array_file,
@@ -157,6 +158,13 @@ def build_parser() -> argparse.ArgumentParser:
     fix.add_argument("--seed", type=int, default=0, help="seed for the splits and the random metric (default: 0)")
     fix.add_argument("--labels", type=Path, help="CSV of filename,label rows for a flat IMAGES folder")
     fix.add_argument("--val-labels", type=Path, help="CSV of filename,label rows for a flat --val folder")
+    fix.add_argument(
+        "--preprocess",
+        choices=list(PRESETS),
+        default="unit",
+        help="pixel scaling: unit [0,1], imagenet mean/std, inception [-1,1], raw 0..255 (default: %(default)s); "
+        "--mean/--std override it",
+    )
     fix.add_argument("--mean", type=float, nargs="+", help="per-channel mean, for models trained on normalised input")
     fix.add_argument("--std", type=float, nargs="+", help="per-channel std, for models trained on normalised input")
     repair_group = fix.add_argument_group("repair method")
@@ -274,6 +282,13 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--labels", type=Path, help="CSV of filename,label rows for a flat IMAGES folder")
     evaluate.add_argument("--report", type=Path, help="write the scores as JSON here")
     evaluate.add_argument("--force", action="store_true", help="overwrite an existing --report")
+    evaluate.add_argument(
+        "--preprocess",
+        choices=list(PRESETS),
+        default="unit",
+        help="pixel scaling: unit [0,1], imagenet mean/std, inception [-1,1], raw 0..255 (default: %(default)s); "
+        "--mean/--std override it",
+    )
     evaluate.add_argument("--mean", type=float, nargs="+", help="per-channel mean of normalised input")
     evaluate.add_argument("--std", type=float, nargs="+", help="per-channel std of normalised input")
     evaluate.add_argument("--batch-size", type=_positive_int, help="images per inference run")
@@ -361,7 +376,7 @@ def run_fix(args: argparse.Namespace, console: Console) -> int:
     if is_array_file(args.images):
         prep_text = "arrays from .npz/.npy used as they are"
     else:
-        prep = preprocessing_for_input(spec.name, spec.shape, args.mean, args.std)
+        prep = preprocessing_for_input(spec.name, spec.shape, args.mean, args.std, args.preprocess)
         prep_text = prep.describe()
     console.print(f"preprocessing: {prep_text}", highlight=False)
     with RichProgress(console, enabled=not args.quiet) as progress:
@@ -428,7 +443,7 @@ def run_eval(args: argparse.Namespace, console: Console) -> int:
         if is_array_file(args.images):
             images = load_array_file(args.images, spec.shape)
         else:
-            prep = preprocessing_for_input(spec.name, spec.shape, args.mean, args.std)
+            prep = preprocessing_for_input(spec.name, spec.shape, args.mean, args.std, args.preprocess)
             with progress.task("loading images", count_images(args.images)) as advance:
                 images = load_image_folder(args.images, prep, advance, labels_file=args.labels)
         batch_size = args.batch_size or default_batch_size(spec.shape)
@@ -459,7 +474,7 @@ def load_sets(
     def load(path: Path, description: str, labels: Path | None, class_names: tuple[str, ...] | None = None) -> ImageSet:
         if is_array_file(path):
             return load_array_file(path, input_shape)
-        prep = preprocessing_for_input(input_name, input_shape, args.mean, args.std)
+        prep = preprocessing_for_input(input_name, input_shape, args.mean, args.std, args.preprocess)
         with progress.task(description, count_images(path)) as advance:
             return load_image_folder(path, prep, advance, class_names=class_names, labels_file=labels)
 

@@ -53,13 +53,25 @@ class Preprocessing:
         )
 
 
+# --preprocess presets as (mean, std) applied after pixels/255: what the common exporters' models expect
+PRESETS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
+    "unit": ((0.0,), (1.0,)),  # [0, 1]: torchvision's ToTensor without Normalize
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),  # torchvision's ImageNet Normalize
+    "inception": ((0.5,), (0.5,)),  # [-1, 1]: Inception, MobileNet and EfficientNet-Lite ports
+    "raw": ((0.0,), (1.0 / 255.0,)),  # 0..255: models that scale inside the graph
+}
+
+
 def preprocessing_for_input(
     input_name: str,
     shape: Sequence[int | None],
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
+    preset: str = "unit",
 ) -> Preprocessing:
     """Derive the preprocessing from a model input shape (None = dynamic dimension).
+
+    `mean` and `std` override the `preset`'s (one of PRESETS).
 
     Raises:
         DataError: when the input is not an image tensor of known size.
@@ -85,8 +97,16 @@ def preprocessing_for_input(
             "numbers to resize images to them"
         )
     assert channels is not None  # the branches above only accept 1 or 3
-    mean_t = _per_channel("--mean", mean, channels, 0.0)
-    std_t = _per_channel("--std", std, channels, 1.0)
+    if preset not in PRESETS:
+        raise DataError(f"--preprocess must be one of {', '.join(PRESETS)}, got {preset!r}")
+    preset_mean, preset_std = PRESETS[preset]
+    if channels == 1 and ((len(preset_mean) > 1 and mean is None) or (len(preset_std) > 1 and std is None)):
+        raise DataError(
+            f"--preprocess {preset} has one value per RGB channel, but model input '{input_name}' takes greyscale "
+            f"{_show(dims)}; use --mean/--std with one value"
+        )
+    mean_t = _per_channel("--mean", mean or preset_mean, channels, 0.0)
+    std_t = _per_channel("--std", std or preset_std, channels, 1.0)
     if any(s == 0 for s in std_t):
         raise DataError("--std must not contain 0")
     return Preprocessing(layout, channels, height, width, mean_t, std_t)

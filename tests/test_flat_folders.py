@@ -89,3 +89,41 @@ def test_cli_on_a_flat_unlabelled_folder(digits: DigitsExample, tmp_path: Path, 
     assert 0.0 <= report["quant_agreement"] <= 1.0 and report["repaired_agreement"] is not None
     assert report["validation_size"] + report["repair_size"] == 300
     assert np.isfinite(report["total_seconds"])
+
+
+# ---------------------------------------------------------------------------
+# --preprocess presets
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("preset", "black", "white_red"),
+    [("unit", 0.0, 1.0), ("inception", -1.0, 1.0), ("raw", 0.0, 255.0), ("imagenet", -0.485 / 0.229, 0.515 / 0.229)],
+)
+def test_presets_map_pixels(tmp_path: Path, preset: str, black: float, white_red: float) -> None:
+    from PIL import Image
+
+    from onnxrepair.data import load_image, preprocessing_for_input
+
+    pixels = np.zeros((4, 4, 3), np.uint8)
+    pixels[0, 0] = 255
+    Image.fromarray(pixels).save(tmp_path / "p.png")
+    prep = preprocessing_for_input("input", [None, 3, 4, 4], preset=preset)
+    x = load_image(tmp_path / "p.png", prep)
+    assert x.shape == (3, 4, 4)
+    assert x[0, 0, 0] == pytest.approx(white_red, rel=1e-5)
+    assert x[0, 1, 1] == pytest.approx(black, rel=1e-5, abs=1e-6)
+
+
+def test_mean_and_std_override_the_preset() -> None:
+    from onnxrepair.data import preprocessing_for_input
+
+    prep = preprocessing_for_input("input", [None, 3, 4, 4], mean=[0.1], std=None, preset="inception")
+    assert prep.mean == (0.1, 0.1, 0.1) and prep.std == (0.5, 0.5, 0.5)
+
+
+def test_cli_imagenet_preset_on_a_greyscale_model_exits_2(digits: DigitsExample, capsys) -> None:  # type: ignore[no-untyped-def]
+    from helpers_issue3 import one_line
+
+    run = run_fix(capsys, digits.float_path, digits.quant_path, digits.images, "--preprocess", "imagenet")
+    assert run.code == 2 and one_line(run.err) and "greyscale" in run.err
