@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
+import onnx
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.markup import escape
@@ -34,16 +35,27 @@ from onnxrepair.config import (
 from onnxrepair.data import (
     PRESETS,
     ImageSet,
+    Preprocessing,
+    PreprocessingOptions,
     count_images,
     is_array_file,
     load_array_file,
     load_image_folder,
-    preprocessing_for_input,
+    options_from_saved,
+    preprocessing_from_options,
     stratified_split,
 )
 from onnxrepair.errors import DataError, ModelPairingError, OnnxRepairError
 from onnxrepair.files import check_output_path, save_json, save_model
-from onnxrepair.graph import check_models_match, input_spec, load_model, pair_layer
+from onnxrepair.graph import (
+    InputSpec,
+    check_models_match,
+    input_spec,
+    load_model,
+    pair_layer,
+    save_preprocessing,
+    saved_preprocessing,
+)
 from onnxrepair.parallel import available_cores
 from onnxrepair.plot import plot_importance
 from onnxrepair.quantize import CALIBRATIONS, WEIGHT_TYPES, QuantizeConfig, quantize
@@ -167,15 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     fix.add_argument("--seed", type=int, default=0, help="seed for the splits and the random metric (default: 0)")
     fix.add_argument("--labels", type=Path, help="CSV of filename,label rows for a flat IMAGES folder")
     fix.add_argument("--val-labels", type=Path, help="CSV of filename,label rows for a flat --val folder")
-    fix.add_argument(
-        "--preprocess",
-        choices=list(PRESETS),
-        default="unit",
-        help="pixel scaling: unit [0,1], imagenet mean/std, inception [-1,1], raw 0..255 (default: %(default)s); "
-        "--mean/--std override it",
-    )
-    fix.add_argument("--mean", type=float, nargs="+", help="per-channel mean, for models trained on normalised input")
-    fix.add_argument("--std", type=float, nargs="+", help="per-channel std, for models trained on normalised input")
+    _add_preprocessing_flags(fix)
     repair_group = fix.add_argument_group("repair method")
     repair_group.add_argument(
         "--encoding",
@@ -291,15 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--labels", type=Path, help="CSV of filename,label rows for a flat IMAGES folder")
     evaluate.add_argument("--report", type=Path, help="write the scores as JSON here")
     evaluate.add_argument("--force", action="store_true", help="overwrite an existing --report")
-    evaluate.add_argument(
-        "--preprocess",
-        choices=list(PRESETS),
-        default="unit",
-        help="pixel scaling: unit [0,1], imagenet mean/std, inception [-1,1], raw 0..255 (default: %(default)s); "
-        "--mean/--std override it",
-    )
-    evaluate.add_argument("--mean", type=float, nargs="+", help="per-channel mean of normalised input")
-    evaluate.add_argument("--std", type=float, nargs="+", help="per-channel std of normalised input")
+    _add_preprocessing_flags(evaluate)
     evaluate.add_argument("--batch-size", type=_positive_int, help="images per inference run")
     evaluate.add_argument("--provider", choices=["auto", "cpu", "cuda"], default="auto", help="ONNX Runtime provider")
     _add_output_flags(evaluate)
@@ -330,9 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--holdout-fraction", type=_fraction, default=0.2, help="share held out to measure agreement (default: 0.2)"
     )
     quantize_parser.add_argument("--labels", type=Path, help="CSV of filename,label rows for a flat folder")
-    quantize_parser.add_argument("--preprocess", choices=list(PRESETS), default="unit", help="pixel scaling")
-    quantize_parser.add_argument("--mean", type=float, nargs="+", help="per-channel mean of normalised input")
-    quantize_parser.add_argument("--std", type=float, nargs="+", help="per-channel std of normalised input")
+    _add_preprocessing_flags(quantize_parser)
     quantize_parser.add_argument("--seed", type=int, default=0, help="seed of the hold-out split (default: 0)")
     _add_output_flags(quantize_parser)
     return parser
@@ -415,17 +409,17 @@ def run_fix(args: argparse.Namespace, console: Console) -> int:
         else None,
     )
     spec = input_spec(float_model)
-    if is_array_file(args.images):
-        prep_text = "arrays from .npz/.npy used as they are"
-    else:
-        prep = preprocessing_for_input(spec.name, spec.shape, args.mean, args.std, args.preprocess)
-        prep_text = prep.describe()
-    console.print(f"preprocessing: {prep_text}", highlight=False)
+    uses_files = not all(is_array_file(p) for p in (paths.images, paths.validation) if p is not None)
+    saved_in = [(paths.quant_model, quant_model), (paths.float_model, float_model)]
+    prep, source = choose_preprocessing(args, spec, saved_in) if uses_files else (None, "")
+    prep_text = _print_preprocessing(console, prep, source)
     with RichProgress(console, enabled=not args.quiet) as progress:
-        repair_set, validation_set = load_sets(paths, spec.name, spec.shape, args, config, progress)
+        repair_set, validation_set = load_sets(paths, spec.shape, prep, args, config, progress)
         console.print(f"images: {len(repair_set)} for repair, {len(validation_set)} for validation", highlight=False)
         result = repair(float_model, quant_model, repair_set, validation_set, config, progress)
     if result.model is not None:
+        if prep is not None:
+            save_preprocessing(result.model, prep.saved_options())
         make_session(result.model, "repaired", config.providers)  # one more check that ORT loads what is written
         save_model(result.model, paths.output)
     if paths.report is not None:
@@ -471,8 +465,11 @@ def run_quantize(args: argparse.Namespace, console: Console) -> int:
     float_model = load_model(args.float_model, "FLOAT")
     check_output_path(args.output, args.force, [args.float_model], "output model")
     spec = input_spec(float_model)
+    files = not is_array_file(args.images)
+    prep, source = choose_preprocessing(args, spec, [(args.float_model, float_model)]) if files else (None, "")
+    _print_preprocessing(console, prep, source)
     with RichProgress(console, enabled=not args.quiet) as progress:
-        images = _load_images(args, spec.name, spec.shape, progress)
+        images = read_images(args.images, spec.shape, prep, args.labels, progress)
     config = QuantizeConfig(
         per_channel=args.per_channel,
         weights=args.weights,
@@ -484,6 +481,8 @@ def run_quantize(args: argparse.Namespace, console: Console) -> int:
     )
     console.print(f"quantizing on {min(args.calibration_size, len(images))} images at most ...", highlight=False)
     result = quantize(args.float_model, images, config)
+    if prep is not None:
+        save_preprocessing(result.model, prep.saved_options())
     save_model(result.model, args.output)
     held = result.holdout
     accuracy = (
@@ -501,14 +500,20 @@ def run_quantize(args: argparse.Namespace, console: Console) -> int:
     return EXIT_OK
 
 
-def _load_images(
-    args: argparse.Namespace, input_name: str, input_shape: tuple[int | None, ...], progress: RichProgress
+def read_images(
+    path: Path,
+    input_shape: tuple[int | None, ...],
+    prep: Preprocessing | None,
+    labels: Path | None,
+    progress: RichProgress,
+    description: str = "loading images",
+    class_names: tuple[str, ...] | None = None,
 ) -> ImageSet:
-    if is_array_file(args.images):
-        return load_array_file(args.images, input_shape)
-    prep = preprocessing_for_input(input_name, input_shape, args.mean, args.std, args.preprocess)
-    with progress.task("loading images", count_images(args.images)) as advance:
-        return load_image_folder(args.images, prep, advance, labels_file=args.labels)
+    """Arrays as they are, or an image folder through `prep`, with a progress bar."""
+    if is_array_file(path) or prep is None:
+        return load_array_file(path, input_shape)
+    with progress.task(description, count_images(path)) as advance:
+        return load_image_folder(path, prep, advance, class_names=class_names, labels_file=labels)
 
 
 def run_eval(args: argparse.Namespace, console: Console) -> int:
@@ -526,13 +531,11 @@ def run_eval(args: argparse.Namespace, console: Console) -> int:
         check_output_path(args.report, args.force, [p for p in (args.model, args.against) if p], "report")
     spec = input_spec(model)
     providers = select_providers(args.provider)
+    saved_in = [(args.model, model)] + ([(args.against, reference)] if reference is not None else [])
+    prep, source = choose_preprocessing(args, spec, saved_in) if not is_array_file(args.images) else (None, "")
+    prep_text = _print_preprocessing(console, prep, source)
     with RichProgress(console, enabled=not args.quiet) as progress:
-        if is_array_file(args.images):
-            images = load_array_file(args.images, spec.shape)
-        else:
-            prep = preprocessing_for_input(spec.name, spec.shape, args.mean, args.std, args.preprocess)
-            with progress.task("loading images", count_images(args.images)) as advance:
-                images = load_image_folder(args.images, prep, advance, labels_file=args.labels)
+        images = read_images(args.images, spec.shape, prep, args.labels, progress)
         batch_size = args.batch_size or default_batch_size(spec.shape)
         score = score_model(model, images, batch_size, reference, providers, progress)
     print_model_score(console, args.model, score, args.against)
@@ -541,6 +544,7 @@ def run_eval(args: argparse.Namespace, console: Console) -> int:
             "model": str(args.model),
             "against": str(args.against) if args.against else None,
             "images": str(args.images),
+            "preprocessing": prep_text,
             **dataclasses.asdict(score),
         }
         save_json(scores, args.report)
@@ -549,28 +553,87 @@ def run_eval(args: argparse.Namespace, console: Console) -> int:
 
 def load_sets(
     paths: FixPaths,
-    input_name: str,
     input_shape: tuple[int | None, ...],
+    prep: Preprocessing | None,
     args: argparse.Namespace,
     config: RepairConfig,
     progress: RichProgress,
 ) -> tuple[ImageSet, ImageSet]:
     """The repair and validation inputs: a separate --val, or a stratified split of IMAGES."""
     assert paths.images is not None
-
-    def load(path: Path, description: str, labels: Path | None, class_names: tuple[str, ...] | None = None) -> ImageSet:
-        if is_array_file(path):
-            return load_array_file(path, input_shape)
-        prep = preprocessing_for_input(input_name, input_shape, args.mean, args.std, args.preprocess)
-        with progress.task(description, count_images(path)) as advance:
-            return load_image_folder(path, prep, advance, class_names=class_names, labels_file=labels)
-
-    images = load(paths.images, "loading images", args.labels)
+    images = read_images(paths.images, input_shape, prep, args.labels, progress)
     if paths.validation is None:
         repair_idx, val_idx = stratified_split(images.strata, config.val_fraction, config.seed)
         return images.subset(repair_idx), images.subset(val_idx)
     class_names = images.class_names if args.val_labels is None and args.labels is None else None
-    return images, load(paths.validation, "loading --val", args.val_labels, class_names or None)
+    validation = read_images(
+        paths.validation, input_shape, prep, args.val_labels, progress, "loading --val", class_names or None
+    )
+    return images, validation
+
+
+def _add_preprocessing_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "image preprocessing",
+        "how image files become model inputs; without these options, what a model written by onnxrepair "
+        "recorded is used, else --preprocess unit with stretching (arrays from .npz/.npy are used as they are)",
+    )
+    group.add_argument(
+        "--preprocess",
+        choices=list(PRESETS),
+        help="pixel scaling: unit [0,1], imagenet mean/std, inception [-1,1], raw 0..255 (default: unit); "
+        "--mean/--std override it",
+    )
+    group.add_argument("--mean", type=float, nargs="+", help="per-channel mean of normalised input, model's order")
+    group.add_argument("--std", type=float, nargs="+", help="per-channel std of normalised input, model's order")
+    group.add_argument(
+        "--resize",
+        type=_resize,
+        metavar="stretch|crop|N",
+        help="stretch to the model's size (default); crop: scale the shorter side to cover it and crop the centre; "
+        "N: scale the shorter side to N, then crop the centre (torchvision's Resize(256) + CenterCrop(224))",
+    )
+    group.add_argument("--bgr", action="store_true", default=None, help="feed colour channels in BGR order")
+
+
+PREPROCESSING_FLAGS = ("preprocess", "mean", "std", "resize", "bgr")
+
+
+def choose_preprocessing(
+    args: argparse.Namespace, spec: InputSpec, saved_in: Sequence[tuple[Path, onnx.ModelProto]]
+) -> tuple[Preprocessing, str]:
+    """The preprocessing of this run and where it came from.
+
+    Options on the command line win; without any, the first model in `saved_in`
+    that onnxrepair wrote supplies the options it was written with.
+    """
+    if any(getattr(args, flag) is not None for flag in PREPROCESSING_FLAGS):
+        resize, shorter_side = args.resize or ("stretch", None)
+        options = PreprocessingOptions(
+            preset=args.preprocess or "unit",
+            mean=tuple(args.mean) if args.mean else None,
+            std=tuple(args.std) if args.std else None,
+            resize=resize,
+            shorter_side=shorter_side,
+            bgr=bool(args.bgr),
+        )
+        return preprocessing_from_options(spec.name, spec.shape, options), "options"
+    for path, model in saved_in:
+        text = saved_preprocessing(model)
+        if text is not None:
+            options = options_from_saved(text, str(path))
+            return preprocessing_from_options(spec.name, spec.shape, options), f"saved in {path}"
+    return preprocessing_from_options(spec.name, spec.shape, PreprocessingOptions()), "default"
+
+
+def _print_preprocessing(console: Console, prep: Preprocessing | None, source: str) -> str:
+    """Print the preprocessing line; returns the text the report records."""
+    if prep is None:
+        text = "arrays from .npz/.npy used as they are"
+    else:
+        text = prep.describe() + ("" if source in ("options", "default") else f" ({source})")
+    console.print(f"preprocessing: {escape(text)}", highlight=False, soft_wrap=True)
+    return text
 
 
 def _add_output_flags(parser: argparse.ArgumentParser) -> None:
@@ -620,6 +683,18 @@ def _confidence(text: str) -> float:
     if not 0 <= value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 0 and below 1, got {text}")
     return value
+
+
+def _resize(text: str) -> tuple[str, int | None]:
+    if text in ("stretch", "crop"):
+        return text, None
+    try:
+        side = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be stretch, crop or a number of pixels, got {text!r}") from None
+    if side < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 pixel, got {side}")
+    return "crop", side
 
 
 def _fraction(text: str) -> float:

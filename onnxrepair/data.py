@@ -3,12 +3,19 @@
 The layout is torchvision's ImageFolder: ``IMAGES/<class>/<image>``, classes in
 sorted folder-name order (folders ``0``..``9`` give labels 0..9). Preprocessing
 follows the model's input: N x C x H x W or N x H x W x C, one channel means
-greyscale, images are resized to H x W and scaled to [0, 1], then
-``(x - mean) / std`` per channel when the model was trained normalised.
+greyscale, images are resized to H x W (stretched, or the shorter side scaled
+and the centre cropped), channels optionally put in BGR order, pixels scaled
+to [0, 1], then ``(x - mean) / std`` per channel when the model was trained
+normalised.
+
+The options a user chose are saved in the models onnxrepair writes
+(``metadata_props``), so that ``eval`` and a later ``fix`` read images the
+same way without being told again.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import zipfile
 from collections.abc import Callable, Sequence
@@ -33,9 +40,16 @@ class Preprocessing:
 
     Attributes:
         layout: "NCHW" or "NHWC".
-        channels: 1 (greyscale) or 3 (RGB).
+        channels: 1 (greyscale) or 3 (RGB, or BGR when `bgr`).
         height, width: the size images are resized to.
-        mean, std: per-channel normalisation applied after scaling to [0, 1].
+        mean, std: per-channel normalisation applied after scaling to [0, 1],
+            in the model's channel order.
+        resize: "stretch" (to height x width, ignoring the aspect ratio) or
+            "crop" (the shorter side scaled, then the centre cropped).
+        shorter_side: for "crop", the length the shorter side is scaled to
+            before cropping (torchvision's Resize(256) + CenterCrop(224));
+            None scales it just enough to cover height x width.
+        bgr: channels in blue, green, red order (Caffe and OpenCV models).
     """
 
     layout: str
@@ -44,13 +58,80 @@ class Preprocessing:
     width: int
     mean: tuple[float, ...] = (0.0,)
     std: tuple[float, ...] = (1.0,)
+    resize: str = "stretch"
+    shorter_side: int | None = None
+    bgr: bool = False
 
     def describe(self) -> str:
         """One line for the terminal and the report."""
+        if self.resize == "stretch":
+            sizing = f"stretched to {self.height}x{self.width}"
+        else:
+            scaled = f"to {self.shorter_side}" if self.shorter_side else "to cover it"
+            sizing = f"shorter side scaled {scaled}, centre {self.height}x{self.width} cropped"
+        order = ", BGR" if self.bgr else ""
         return (
-            f"{self.layout} {self.channels}x{self.height}x{self.width}, pixels/255, "
+            f"{self.layout} {self.channels}x{self.height}x{self.width}{order}, {sizing}, pixels/255, "
             f"mean={list(self.mean)}, std={list(self.std)}"
         )
+
+    def saved_options(self) -> str:
+        """The user's choices as JSON, for a model's metadata; `options_from_saved` reads it back."""
+        return json.dumps(
+            {
+                "mean": list(self.mean),
+                "std": list(self.std),
+                "resize": self.resize,
+                "shorter_side": self.shorter_side,
+                "bgr": self.bgr,
+            }
+        )
+
+
+RESIZE_MODES = ("stretch", "crop")
+
+
+@dataclass(frozen=True)
+class PreprocessingOptions:
+    """What the user asked for on the command line; the model's input fills in the rest.
+
+    Attributes:
+        preset: one of PRESETS.
+        mean, std: override the preset's, in the model's channel order.
+        resize: "stretch", "crop", or "crop" with `shorter_side`.
+        shorter_side: see Preprocessing.
+        bgr: feed channels in BGR order; a preset's RGB mean/std are reversed to match.
+    """
+
+    preset: str = "unit"
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    resize: str = "stretch"
+    shorter_side: int | None = None
+    bgr: bool = False
+
+
+def options_from_saved(text: str, source: str) -> PreprocessingOptions:
+    """Parse what `Preprocessing.saved_options` wrote.
+
+    Raises:
+        DataError: the saved text is not what onnxrepair writes (edited by hand, say).
+    """
+    try:
+        saved = json.loads(text)
+        options = PreprocessingOptions(
+            preset="unit",
+            mean=tuple(float(v) for v in saved["mean"]),
+            std=tuple(float(v) for v in saved["std"]),
+            resize=str(saved["resize"]),
+            shorter_side=None if saved["shorter_side"] is None else int(saved["shorter_side"]),
+            bgr=bool(saved["bgr"]),
+        )
+    except (ValueError, TypeError, KeyError) as exc:
+        raise DataError(f"the preprocessing saved in {source} cannot be read ({exc}); pass --preprocess") from exc
+    if options.resize not in RESIZE_MODES:
+        raise DataError(f"the preprocessing saved in {source} has an unknown resize {options.resize!r}")
+    return options
 
 
 # --preprocess presets as (mean, std) applied after pixels/255: what the common exporters' models expect
@@ -68,10 +149,16 @@ def preprocessing_for_input(
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
     preset: str = "unit",
+    *,
+    resize: str = "stretch",
+    shorter_side: int | None = None,
+    bgr: bool = False,
 ) -> Preprocessing:
     """Derive the preprocessing from a model input shape (None = dynamic dimension).
 
-    `mean` and `std` override the `preset`'s (one of PRESETS).
+    `mean` and `std` override the `preset`'s (one of PRESETS). Presets are in
+    RGB order; with `bgr` they are reversed, while a given `mean`/`std` is
+    taken in the model's channel order as it is.
 
     Raises:
         DataError: when the input is not an image tensor of known size.
@@ -105,11 +192,38 @@ def preprocessing_for_input(
             f"--preprocess {preset} has one value per RGB channel, but model input '{input_name}' takes greyscale "
             f"{_show(dims)}; use --mean/--std with one value"
         )
+    if bgr and channels != 3:
+        raise DataError(f"--bgr needs a model that takes 3 colour channels; input '{input_name}' takes {_show(dims)}")
+    if bgr:
+        preset_mean, preset_std = preset_mean[::-1], preset_std[::-1]
     mean_t = _per_channel("--mean", mean or preset_mean, channels, 0.0)
     std_t = _per_channel("--std", std or preset_std, channels, 1.0)
     if any(s == 0 for s in std_t):
         raise DataError("--std must not contain 0")
-    return Preprocessing(layout, channels, height, width, mean_t, std_t)
+    if resize not in RESIZE_MODES:
+        raise DataError(f"--resize must be one of {', '.join(RESIZE_MODES)}, got {resize!r}")
+    if shorter_side is not None and (resize != "crop" or shorter_side < max(height, width)):
+        raise DataError(
+            f"--resize {shorter_side} scales the shorter side to {shorter_side} before a centre crop of "
+            f"{height}x{width}; it must be at least {max(height, width)}"
+        )
+    return Preprocessing(layout, channels, height, width, mean_t, std_t, resize, shorter_side, bgr)
+
+
+def preprocessing_from_options(
+    input_name: str, shape: Sequence[int | None], options: PreprocessingOptions
+) -> Preprocessing:
+    """`preprocessing_for_input` with the options as one value."""
+    return preprocessing_for_input(
+        input_name,
+        shape,
+        options.mean,
+        options.std,
+        options.preset,
+        resize=options.resize,
+        shorter_side=options.shorter_side,
+        bgr=options.bgr,
+    )
 
 
 @dataclass(frozen=True)
@@ -400,13 +514,34 @@ def load_image(path: Path, prep: Preprocessing) -> NDArray[np.float32]:
         source: Image.Image = img
         if img.mode in SIXTEEN_BIT_MODES:  # convert("L") would clip every value above 255
             source = Image.fromarray(np.round(np.asarray(img, np.float64) / 65535 * 255).astype(np.uint8), "L")
-        converted = source.convert("L" if prep.channels == 1 else "RGB")
-    if converted.size != (prep.width, prep.height):
-        converted = converted.resize((prep.width, prep.height), Image.Resampling.BILINEAR)
+        elif img.mode == "P" and "transparency" in img.info:
+            source = img.convert("RGBA")  # PIL warns when a palette's transparency is dropped in one step
+        converted = source.convert("L" if prep.channels == 1 else "RGB")  # alpha dropped, as torchvision does
+    converted = _resized(converted, prep)
     pixels = np.asarray(converted, dtype=np.float32) / 255.0
     hwc = pixels.reshape(prep.height, prep.width, prep.channels)
+    if prep.bgr:
+        hwc = hwc[:, :, ::-1]
     normalised = ((hwc - np.asarray(prep.mean, np.float32)) / np.asarray(prep.std, np.float32)).astype(np.float32)
     return normalised.transpose(2, 0, 1) if prep.layout == "NCHW" else normalised
+
+
+def _resized(image: Image.Image, prep: Preprocessing) -> Image.Image:
+    """`image` at the model's height x width: stretched, or scaled and centre-cropped."""
+    width, height = image.size
+    if prep.resize == "stretch":
+        if (width, height) == (prep.width, prep.height):
+            return image
+        return image.resize((prep.width, prep.height), Image.Resampling.BILINEAR)
+    if prep.shorter_side is None:
+        scale = max(prep.width / width, prep.height / height)
+    else:
+        scale = prep.shorter_side / min(width, height)
+    scaled_w, scaled_h = max(prep.width, round(width * scale)), max(prep.height, round(height * scale))
+    if (scaled_w, scaled_h) != (width, height):
+        image = image.resize((scaled_w, scaled_h), Image.Resampling.BILINEAR)
+    left, top = (scaled_w - prep.width) // 2, (scaled_h - prep.height) // 2
+    return image.crop((left, top, left + prep.width, top + prep.height))
 
 
 def stratified_split(

@@ -144,6 +144,23 @@ def load_model(path: Path, role: str) -> onnx.ModelProto:
     return model
 
 
+PREPROCESSING_KEY = "onnxrepair.preprocessing"
+
+
+def saved_preprocessing(model: onnx.ModelProto) -> str | None:
+    """The preprocessing options onnxrepair saved in a model it wrote, or None."""
+    return next((p.value for p in model.metadata_props if p.key == PREPROCESSING_KEY), None)
+
+
+def save_preprocessing(model: onnx.ModelProto, options: str) -> None:
+    """Record how images were read in `model` (an output, never an input), so later runs read them alike."""
+    for prop in model.metadata_props:
+        if prop.key == PREPROCESSING_KEY:
+            prop.value = options
+            return
+    model.metadata_props.add(key=PREPROCESSING_KEY, value=options)
+
+
 def input_spec(model: onnx.ModelProto) -> InputSpec:
     """The model's single data input (initializers listed as inputs are ignored).
 
