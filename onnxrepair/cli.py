@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import sys
 from collections.abc import Callable, Sequence
@@ -56,13 +57,16 @@ from onnxrepair.graph import (
     save_preprocessing,
     saved_preprocessing,
 )
+from onnxrepair.inspection import inspect_models
 from onnxrepair.parallel import available_cores
 from onnxrepair.plot import plot_importance
 from onnxrepair.quantize import CALIBRATIONS, WEIGHT_TYPES, QuantizeConfig, quantize
 from onnxrepair.repair import list_layers, repair, resolve_layers, score_model
 from onnxrepair.report import (
     RichProgress,
+    inspection_dict,
     nothing_better_reason,
+    print_inspection,
     print_layers,
     print_model_score,
     print_summary,
@@ -95,6 +99,21 @@ stratified --val-fraction of IMAGES is held out and never used to repair.
 
 exit codes: 0 repaired model written, 1 --search found nothing better (no model
 written), 2 bad input, 130 interrupted
+"""
+
+INSPECT_EXAMPLES = """\
+examples:
+  onnxrepair inspect float.onnx quant.onnx images/
+  onnxrepair inspect float.onnx quant.onnx images/ --json inspect.json
+  onnxrepair inspect float.onnx quant.onnx images/ --json - | jq .recommended_layer
+
+Nothing is written but --json. For each dense layer: flips = share of (image,
+neuron) pairs whose on/off status differs between FLOAT and QUANT, on all
+images and on failing ones (the two models disagree); SQNR = 20 log10(|f| /
+|f - q|) of the layer's pre-activation, as onnxruntime's qdq_loss_debug
+computes it (lower = noisier); top = the most suspicious neurons.
+
+exit codes: 0 done, 2 bad input, 130 interrupted
 """
 
 QUANTIZE_EXAMPLES = """\
@@ -300,6 +319,35 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--provider", choices=["auto", "cpu", "cuda"], default="auto", help="ONNX Runtime provider")
     _add_output_flags(evaluate)
 
+    inspect_parser = commands.add_parser(
+        "inspect",
+        help="where quantization hurts: per-layer flips, SQNR and suspicious neurons; suggests --layer and --neurons",
+        description="Measure every dense layer of FLOAT against QUANT on images, without changing anything, and "
+        "suggest a layer and a number of neurons for fix.",
+        epilog=INSPECT_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    inspect_parser.add_argument("float_model", metavar="FLOAT", type=Path, help="the float ONNX model")
+    inspect_parser.add_argument("quant_model", metavar="QUANT", type=Path, help="its QDQ quantized model")
+    inspect_parser.add_argument(
+        "images", metavar="IMAGES", type=Path, help="class subfolders, a flat folder, or .npz/.npy"
+    )
+    inspect_parser.add_argument("--labels", type=Path, help="CSV of filename,label rows for a flat IMAGES folder")
+    inspect_parser.add_argument(
+        "--json", type=Path, metavar="FILE", help="write the findings as JSON here; - prints only the JSON"
+    )
+    inspect_parser.add_argument("--force", action="store_true", help="overwrite an existing --json file")
+    inspect_parser.add_argument(
+        "--top", type=_positive_int, default=5, help="suspicious neurons listed per metric (default: 5)"
+    )
+    inspect_parser.add_argument("--seed", type=int, default=0, help="seed of ties in the rankings (default: 0)")
+    inspect_parser.add_argument("--batch-size", type=_positive_int, help="images per inference run")
+    inspect_parser.add_argument(
+        "--provider", choices=["auto", "cpu", "cuda"], default="auto", help="ONNX Runtime provider"
+    )
+    _add_preprocessing_flags(inspect_parser)
+    _add_output_flags(inspect_parser)
+
     quantize_parser = commands.add_parser(
         "quantize",
         help="quantize a float model to ONNX Runtime QDQ, calibrated on images",
@@ -339,7 +387,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     console = Console(quiet=args.quiet)
     errors = Console(stderr=True)
     try:
-        commands = {"eval": run_eval, "quantize": run_quantize, "fix": run_fix}
+        commands = {"eval": run_eval, "quantize": run_quantize, "fix": run_fix, "inspect": run_inspect}
         return commands[args.command](args, console)
     except OnnxRepairError as exc:
         if args.debug:
@@ -548,6 +596,50 @@ def run_eval(args: argparse.Namespace, console: Console) -> int:
             **dataclasses.asdict(score),
         }
         save_json(scores, args.report)
+    return EXIT_OK
+
+
+def run_inspect(args: argparse.Namespace, console: Console) -> int:
+    """`onnxrepair inspect`: measure FLOAT's dense layers against QUANT, suggest --layer and --neurons."""
+    to_stdout = args.json is not None and str(args.json) == "-"
+    if to_stdout:
+        console = Console(quiet=True)  # stdout carries the JSON alone
+    float_model = load_model(args.float_model, "FLOAT")
+    quant_model = load_model(args.quant_model, "QUANT")
+    check_models_match(float_model, quant_model)
+    if args.json is not None and not to_stdout:
+        check_output_path(args.json, args.force, [args.float_model, args.quant_model, args.images], "--json file")
+    spec = input_spec(float_model)
+    saved_in = [(args.quant_model, quant_model), (args.float_model, float_model)]
+    prep, source = choose_preprocessing(args, spec, saved_in) if not is_array_file(args.images) else (None, "")
+    prep_text = _print_preprocessing(console, prep, source)
+    with RichProgress(console, enabled=not (args.quiet or to_stdout)) as progress:
+        images = read_images(args.images, spec.shape, prep, args.labels, progress)
+        inspection = inspect_models(
+            float_model,
+            quant_model,
+            images,
+            args.batch_size or default_batch_size(spec.shape),
+            select_providers(args.provider),
+            progress,
+            top=args.top,
+            seed=args.seed,
+        )
+    command = None
+    if inspection.recommended_layer is not None:
+        command = (
+            f"onnxrepair fix {args.float_model} {args.quant_model} {args.images} "
+            f"--layer {inspection.recommended_layer} --neurons {inspection.recommended_neurons}"
+        )
+    print_inspection(console, inspection, command)
+    if args.json is not None:
+        inputs = {name: str(getattr(args, name)) for name in ("float_model", "quant_model", "images")}
+        findings = inspection_dict(inspection, inputs, prep_text)
+        if to_stdout:
+            sys.stdout.write(json.dumps(findings, indent=2) + "\n")
+        else:
+            save_json(findings, args.json)
+            console.print(f"findings written to [bold]{escape(str(args.json))}[/]", soft_wrap=True)
     return EXIT_OK
 
 

@@ -20,6 +20,7 @@ from rich.table import Table
 
 from onnxrepair import __version__
 from onnxrepair.config import Encoding, RepairConfig
+from onnxrepair.inspection import Inspection
 from onnxrepair.methods import LayerRepair
 from onnxrepair.repair import LayerRow, ModelScore, RepairResult
 from onnxrepair.search import Score
@@ -332,6 +333,65 @@ def print_layers(console: Console, rows: list[LayerRow]) -> None:
             quant = f"{row.pair.quant_layer.name} (by {row.pair.paired_by})"
             table.add_row(row.layer.name, row.layer.op, shape, quant, row.weights, "[green]yes[/]")
     console.print(table)
+
+
+def print_inspection(console: Console, inspection: Inspection, command: str | None) -> None:
+    """The per-layer table of `inspect`, the top neurons of the suggested layer, and the suggestion."""
+    console.print(
+        f"{inspection.images} images: FLOAT and QUANT agree on {_pct(inspection.agreement)} "
+        f"({inspection.failing} failing); top-1 accuracy FLOAT {_pct(inspection.float_accuracy)}, "
+        f"QUANT {_pct(inspection.quant_accuracy)}",
+        highlight=False,
+        soft_wrap=True,
+    )
+    table = Table(
+        title="Dense layers of FLOAT against QUANT (flips: on/off status differs; SQNR: lower is noisier)",
+        title_justify="left",
+    )
+    table.add_column("layer", no_wrap=True, min_width=max((len(r.name) for r in inspection.layers), default=5))
+    table.add_column("op", no_wrap=True)
+    table.add_column("in->out", no_wrap=True, justify="right")
+    table.add_column("QUANT weights", overflow="fold")
+    for column in ("flips", "on failing", "SQNR dB"):
+        table.add_column(column, no_wrap=True, justify="right")
+    for layer in inspection.layers:
+        shape = f"{layer.n_in}->{layer.n_out}"
+        if layer.reason:
+            reason = f"[red]not repairable[/]: {escape(layer.reason)}"
+            table.add_row(layer.name, layer.op, shape, reason, "", "", "")
+            continue
+        marker = " [green]<-[/]" if layer.name == inspection.recommended_layer else ""
+        table.add_row(
+            layer.name + marker,
+            layer.op,
+            shape,
+            layer.weights,
+            _pct(layer.flip_share),
+            _pct(layer.flip_share_failing),
+            "n/a" if layer.sqnr_db is None else f"{layer.sqnr_db:.1f}",
+        )
+    console.print(table)
+    chosen = next((layer for layer in inspection.layers if layer.name == inspection.recommended_layer), None)
+    if chosen is not None and chosen.top_neurons:
+        ranks = Table(title=f"Most suspicious neurons of {escape(chosen.name)}, per metric", title_justify="left")
+        ranks.add_column("metric")
+        ranks.add_column("neurons, most suspicious first")
+        for metric, neurons in chosen.top_neurons.items():
+            ranks.add_row(metric, ", ".join(str(n) for n in neurons))
+        console.print(ranks)
+    console.print(f"suggestion: {escape(inspection.recommendation)}", highlight=False, soft_wrap=True)
+    if command:
+        console.print(f"  {escape(command)}", highlight=False, soft_wrap=True)
+
+
+def inspection_dict(inspection: Inspection, inputs: dict[str, str], preprocessing: str) -> dict[str, Any]:
+    """The JSON form of `inspect`'s findings."""
+    return {
+        "onnxrepair_version": __version__,
+        "inputs": inputs,
+        "preprocessing": preprocessing,
+        **dataclasses.asdict(inspection),
+    }
 
 
 def _pct(value: float | None) -> str:

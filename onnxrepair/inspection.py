@@ -1,0 +1,219 @@
+"""`onnxrepair inspect`: where quantization hurts, before anything is changed.
+
+For every dense layer of FLOAT that has a QDQ twin, one run of each model
+(every layer tapped at once) gives:
+
+- the flip share: how often a neuron's on/off status (pre-activation > 0)
+  differs between FLOAT and QUANT, over all images and on failing ones;
+- the SQNR of the layer's pre-activation output, 20 log10(|f| / |f - q|) dB,
+  as onnxruntime.quantization.qdq_loss_debug computes it;
+- the most suspicious neurons under each fault-localisation metric.
+
+The recommendation is a starting point for `fix`, not a promise: the last
+repairable layer, whose neurons are (or are nearest to) the class scores, so a
+repair there changes the decision most directly; on both benchmark models it
+gave the largest gains (docs/BENCHMARKS.md), while the noisiest layer, by
+SQNR, was an earlier one where single-neuron repairs gained nothing. N is the
+number of that layer's neurons that flip more often on failing images than on
+passing ones.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from numpy.typing import NDArray
+
+from onnxrepair.config import Metric
+from onnxrepair.data import ImageSet
+from onnxrepair.graph import input_spec, with_outputs
+from onnxrepair.localize import rank_neurons, suspiciousness
+from onnxrepair.progress import NoProgress, Progress
+from onnxrepair.repair import LayerRow, list_layers
+from onnxrepair.runtime import make_session, output_name, run_batched
+from onnxrepair.spectrum import activation_flips, collect_spectrum, failing_mask
+
+
+@dataclass(frozen=True)
+class LayerInspection:
+    """One dense layer of FLOAT, measured against its QDQ twin.
+
+    Attributes:
+        name: the float node name (what --layer takes).
+        quant_layer: the paired QUANT node, empty when not repairable.
+        weights: how QUANT stores the weights, e.g. "int8 per-tensor".
+        reason: why the layer is not repairable; empty when it is.
+        flip_share: share of (image, neuron) pairs whose on/off status differs.
+        flip_share_failing: the same over failing images only (None when none fail).
+        sqnr_db: signal-to-quantization-noise ratio of the pre-activation output.
+        top_neurons: metric name -> the most suspicious neurons, most first.
+        fail_biased_neurons: neurons flipping more often on failing images than
+            on passing ones.
+    """
+
+    name: str
+    op: str
+    n_in: int
+    n_out: int
+    quant_layer: str
+    weights: str
+    reason: str
+    flip_share: float | None = None
+    flip_share_failing: float | None = None
+    sqnr_db: float | None = None
+    top_neurons: dict[str, list[int]] | None = None
+    fail_biased_neurons: int | None = None
+
+
+@dataclass(frozen=True)
+class Inspection:
+    """What `inspect` found, and what it suggests for `fix`.
+
+    Attributes:
+        images: how many images were run.
+        failing: images on which FLOAT and QUANT disagree on the top-1 class.
+        agreement: 1 - failing / images.
+        float_accuracy, quant_accuracy: top-1 accuracy, None without labels.
+        layers: every dense layer of FLOAT, in graph order.
+        recommended_layer, recommended_neurons: the suggestion (None when no
+            layer is repairable or nothing fails).
+        recommendation: one sentence saying why.
+    """
+
+    images: int
+    failing: int
+    agreement: float
+    float_accuracy: float | None
+    quant_accuracy: float | None
+    layers: list[LayerInspection]
+    recommended_layer: str | None
+    recommended_neurons: int | None
+    recommendation: str
+
+
+def sqnr_db(reference: NDArray, noisy: NDArray) -> float:
+    """20 log10(|reference| / |reference - noisy|), norms floored at float eps as ORT's qdq_loss_debug does."""
+    eps = float(np.finfo(float).eps)
+    reference64, noisy64 = np.asarray(reference, np.float64).ravel(), np.asarray(noisy, np.float64).ravel()
+    signal = max(float(np.linalg.norm(reference64)), eps)
+    noise = max(float(np.linalg.norm(reference64 - noisy64)), eps)
+    return 20 * math.log10(signal / noise)
+
+
+def inspect_models(
+    float_model: onnx.ModelProto,
+    quant_model: onnx.ModelProto,
+    images: ImageSet,
+    batch_size: int,
+    providers: Sequence[str] | None = None,
+    progress: Progress | None = None,
+    top: int = 5,
+    seed: int = 0,
+) -> Inspection:
+    """Measure every dense layer of FLOAT against QUANT on `images`."""
+    progress = progress or NoProgress()
+    rows = list_layers(float_model, quant_model)
+    paired = [row for row in rows if row.pair is not None]
+    f_out, q_out = output_name(float_model), output_name(quant_model)
+    f_taps = [f_out] + [row.pair.float_layer.output_tensor for row in paired if row.pair]
+    q_taps = [q_out] + [row.pair.quant_layer.output_tensor for row in paired if row.pair]
+    with progress.task("running models", 2 * len(images)) as advance:
+        f = _run(float_model, "FLOAT", f_taps, images.x, batch_size, advance, providers)
+        q = _run(quant_model, "QUANT", q_taps, images.x, batch_size, advance, providers)
+    failing = failing_mask(f[f_out], q[q_out])
+    layers = [_inspect_layer(row, f, q, failing, top, seed) for row in rows]
+    accuracies = [
+        None if images.labels is None else float(np.mean(np.argmax(s, axis=1) == images.labels))
+        for s in (f[f_out], q[q_out])
+    ]
+    layer, neurons, why = _recommend(layers, int(failing.sum()))
+    return Inspection(
+        images=len(images),
+        failing=int(failing.sum()),
+        agreement=float(1 - failing.mean()),
+        float_accuracy=accuracies[0],
+        quant_accuracy=accuracies[1],
+        layers=layers,
+        recommended_layer=layer,
+        recommended_neurons=neurons,
+        recommendation=why,
+    )
+
+
+def _run(
+    model: onnx.ModelProto,
+    role: str,
+    names: list[str],
+    x: NDArray[np.float32],
+    batch_size: int,
+    advance: Callable[[int], None],
+    providers: Sequence[str] | None,
+) -> dict[str, NDArray[np.float32]]:
+    input_name = input_spec(model).name
+    outputs = [n for n in dict.fromkeys(names) if n != input_name]
+    session = make_session(with_outputs(model, outputs), role, providers)
+    return run_batched(session, x, outputs, batch_size, advance)
+
+
+def _inspect_layer(
+    row: LayerRow,
+    f: dict[str, NDArray[np.float32]],
+    q: dict[str, NDArray[np.float32]],
+    failing: NDArray[np.bool_],
+    top: int,
+    seed: int,
+) -> LayerInspection:
+    layer = row.layer
+    base = LayerInspection(layer.name, layer.op, layer.n_in, layer.n_out, "", row.weights, row.reason)
+    if row.pair is None:
+        return base
+    float_pre, quant_pre = f[row.pair.float_layer.output_tensor], q[row.pair.quant_layer.output_tensor]
+    flips = activation_flips(float_pre, quant_pre)
+    spectrum = collect_spectrum(failing, flips)
+    top_neurons = {
+        metric.value: rank_neurons(suspiciousness(spectrum, metric, seed))[:top].tolist()
+        for metric in Metric
+        if metric is not Metric.RANDOM
+    }
+    fail_rate = spectrum.af / max(spectrum.n_failing, 1)
+    pass_rate = spectrum.as_ / max(spectrum.n_passing, 1)
+    return LayerInspection(
+        layer.name,
+        layer.op,
+        layer.n_in,
+        layer.n_out,
+        row.pair.quant_layer.name,
+        row.weights,
+        "",
+        flip_share=float(flips.mean()),
+        flip_share_failing=float(flips[failing].mean()) if failing.any() else None,
+        sqnr_db=sqnr_db(float_pre, quant_pre),
+        top_neurons=top_neurons,
+        fail_biased_neurons=int(np.sum(fail_rate > pass_rate)) if failing.any() else 0,
+    )
+
+
+def _recommend(layers: list[LayerInspection], failing: int) -> tuple[str | None, int | None, str]:
+    measured = [layer for layer in layers if layer.sqnr_db is not None]
+    if not measured:
+        return None, None, "no dense layer of FLOAT has a QDQ twin in QUANT, so nothing can be repaired"
+    if failing == 0:
+        return None, None, "FLOAT and QUANT agree on every image: there is nothing to repair on these images"
+    last = measured[-1]
+    neurons = max(1, min(last.n_out, last.fail_biased_neurons or 1))
+    why = (
+        f"{last.name} is the last repairable layer, nearest to the class scores, where a repair changes the "
+        f"decision most directly; {last.fail_biased_neurons} of its {last.n_out} neurons flip more often on "
+        "failing images than on passing ones"
+    )
+    noisiest = min(measured, key=lambda layer: layer.sqnr_db if layer.sqnr_db is not None else math.inf)
+    if noisiest is not last:
+        why += (
+            f". The noisiest layer is {noisiest.name} (SQNR {noisiest.sqnr_db:.1f} dB against "
+            f"{last.sqnr_db:.1f} dB): with --search, --layer {noisiest.name} --layer {last.name} tries both"
+        )
+    return last.name, neurons, why

@@ -1,0 +1,132 @@
+"""`onnxrepair inspect FLOAT QUANT IMAGES` (issue 5, item 3): checked against independent ONNX Runtime runs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from conftest import DigitsExample
+from helpers_issue3 import image_set, one_line
+from hypothesis import given
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+from onnx import TensorProto, helper
+from onnxruntime.quantization.qdq_loss_debug import compute_signal_to_quantization_noice_ratio
+
+from onnxrepair.cli import main
+from onnxrepair.data import load_image_folder, preprocessing_for_input
+from onnxrepair.inspection import LayerInspection, _recommend, inspect_models, sqnr_db
+
+FLOATS = st.floats(-1e3, 1e3, allow_nan=False, width=32)
+
+
+@given(arrays(np.float32, st.integers(1, 40), elements=FLOATS), st.floats(0, 2), st.integers(0, 2**16))
+def test_sqnr_is_onnxruntimes(reference: np.ndarray, noise_scale: float, seed: int) -> None:
+    noisy = reference + noise_scale * np.random.default_rng(seed).standard_normal(reference.shape).astype(np.float32)
+    expected = compute_signal_to_quantization_noice_ratio(reference, noisy)  # in float32; ours in float64
+    assert sqnr_db(reference, noisy) == pytest.approx(expected, rel=1e-5, abs=1e-5)
+
+
+def run_with_taps(model: onnx.ModelProto, x: np.ndarray, names: list[str]) -> list[np.ndarray]:
+    """Plain ONNX Runtime, default options, the given tensors added as outputs."""
+    tapped = onnx.ModelProto()
+    tapped.CopyFrom(model)
+    for name in names:
+        if name not in {o.name for o in tapped.graph.output}:
+            tapped.graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
+    session = ort.InferenceSession(tapped.SerializeToString(), providers=["CPUExecutionProvider"])
+    return [np.asarray(v).reshape(len(x), -1) for v in session.run(names, {session.get_inputs()[0].name: x})]
+
+
+def test_flips_sqnr_agreement_and_suggestion_match_an_independent_count(digits: DigitsExample) -> None:
+    float_model, quant_model = onnx.load(str(digits.float_path)), onnx.load(str(digits.quant_path))
+    images = load_image_folder(digits.validation, preprocessing_for_input("input", (1, 1, 8, 8)))
+    found = inspect_models(float_model, quant_model, images, batch_size=64, top=3)
+
+    f_logits, f_h = run_with_taps(float_model, images.x, ["logits", "h"])
+    q_producers = {n.name: n.output[0] for n in quant_model.graph.node}
+    q_h_name, q_logits_name = q_producers["/fc1/Gemm"], q_producers["/fc2/Gemm"]
+    q_out = quant_model.graph.output[0].name
+    q_scores, q_h, q_logits = run_with_taps(quant_model, images.x, [q_out, q_h_name, q_logits_name])
+    failing = f_logits.argmax(1) != q_scores.argmax(1)
+    assert found.images == len(images) and found.failing == failing.sum() > 0
+    assert found.agreement == pytest.approx(1 - failing.mean())
+    assert found.float_accuracy == pytest.approx(np.mean(f_logits.argmax(1) == images.labels))
+
+    by_name = {layer.name: layer for layer in found.layers}
+    assert list(by_name) == ["/fc1/Gemm", "/fc2/Gemm"]
+    for name, f_pre, q_pre in (("/fc1/Gemm", f_h, q_h), ("/fc2/Gemm", f_logits, q_logits)):
+        flips = (f_pre > 0) != (q_pre > 0)
+        layer = by_name[name]
+        assert layer.flip_share == pytest.approx(flips.mean())
+        assert layer.flip_share_failing == pytest.approx(flips[failing].mean())
+        expected_sqnr = 20 * np.log10(np.linalg.norm(f_pre) / np.linalg.norm(f_pre - q_pre))
+        assert layer.sqnr_db == pytest.approx(expected_sqnr, abs=1e-6)
+        assert layer.top_neurons is not None and set(layer.top_neurons) >= {"ochiai", "euclid", "tarantula"}
+        assert all(len(top) == 3 and len(set(top)) == 3 for top in layer.top_neurons.values())
+        # Ochiai's top 3, recounted: af / sqrt((af + as)(af + nf)), ties to the lower index
+        af, as_ = flips[failing].sum(0).astype(float), flips[~failing].sum(0).astype(float)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            ochiai = np.nan_to_num(af / np.sqrt((af + as_) * failing.sum()))
+        assert layer.top_neurons["ochiai"] == np.argsort(-ochiai, kind="stable")[:3].tolist()
+    # the suggestion: the last repairable layer, N = its neurons flipping more on failing than on passing images
+    last = (f_logits > 0) != (q_logits > 0)
+    biased = int(np.sum(last[failing].mean(0) > last[~failing].mean(0)))
+    assert found.recommended_layer == "/fc2/Gemm"
+    assert found.recommended_neurons == max(1, biased)
+    assert "/fc2/Gemm" in found.recommendation
+
+
+def test_suggestion_edge_cases() -> None:
+    def layer(name: str, sqnr: float | None, biased: int | None = 3) -> LayerInspection:
+        return LayerInspection(name, "Gemm", 4, 8, name if sqnr is not None else "", "int8", "", sqnr_db=sqnr,
+                               fail_biased_neurons=biased)  # fmt: skip
+
+    assert _recommend([layer("a", None)], 5)[0] is None  # nothing repairable
+    assert _recommend([layer("a", 3.0), layer("b", 9.0)], 0)[:2] == (None, None)  # nothing fails
+    name, neurons, why = _recommend([layer("a", 3.0), layer("b", 9.0, biased=0)], 5)
+    assert (name, neurons) == ("b", 1) and "noisiest layer is a" in why
+    assert "noisiest" not in _recommend([layer("a", 9.0), layer("b", 3.0)], 5)[2]
+
+
+def test_cli_table_and_json(digits: DigitsExample, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out_file = tmp_path / "inspect.json"
+    args = ["inspect", str(digits.float_path), str(digits.quant_path), str(digits.validation)]
+    assert main([*args, "--json", str(out_file)]) == 0
+    out = capsys.readouterr().out
+    findings = json.loads(out_file.read_text())
+    assert findings["recommended_layer"] == "/fc2/Gemm" and len(findings["layers"]) == 2
+    assert f"--layer /fc2/Gemm --neurons {findings['recommended_neurons']}" in " ".join(out.split())
+    assert "SQNR" in out and "ochiai" in out and f"{100 * findings['agreement']:.2f} %" in out
+
+    # --json - prints the JSON alone, nothing else on stdout
+    assert main([*args, "--json", "-"]) == 0
+    assert json.loads(capsys.readouterr().out) == {**findings}
+
+    # an existing --json file is kept without --force
+    out_file.write_text("keep")
+    assert main([*args, "--json", str(out_file)]) == 2
+    err = capsys.readouterr().err
+    assert one_line(err) and "--force" in err and out_file.read_text() == "keep"
+
+
+def test_cli_bad_inputs(digits: DigitsExample, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cases = [
+        ([str(digits.float_path), str(digits.float_path), str(digits.validation)], "not a QDQ model"),
+        ([str(digits.float_path), str(tmp_path / "none.onnx"), str(digits.validation)], "none.onnx"),
+        ([str(digits.float_path), str(digits.quant_path), str(tmp_path / "nothing")], "nothing"),
+    ]
+    for args, words in cases:
+        assert main(["inspect", *args]) == 2
+        err = capsys.readouterr().err
+        assert one_line(err) and words in " ".join(err.split())
+
+
+def test_unlabelled_arrays_report_agreement_only(digits: DigitsExample, tmp_path: Path) -> None:
+    float_model, quant_model = onnx.load(str(digits.float_path)), onnx.load(str(digits.quant_path))
+    found = inspect_models(float_model, quant_model, image_set(digits.x[:100], None), batch_size=32)
+    assert found.float_accuracy is None and found.quant_accuracy is None and 0 < found.agreement <= 1
