@@ -31,6 +31,7 @@ from onnxrepair.errors import DataError
 logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp"})
+MAX_SKIP_WARNINGS = 5  # undecodable files named one by one; the rest are only counted
 SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
 
 
@@ -181,7 +182,7 @@ def preprocessing_for_input(
     if height is None or width is None:
         raise DataError(
             f"model input '{input_name}' has shape {_show(dims)}: height and width must be fixed "
-            "numbers to resize images to them"
+            "numbers to resize images to them; pass the inputs as a .npz/.npy array instead"
         )
     assert channels is not None  # the branches above only accept 1 or 3
     if preset not in PRESETS:
@@ -390,19 +391,21 @@ def _decode(
     files: Sequence[Path], prep: Preprocessing, advance: Callable[[int], None] | None, folder: Path
 ) -> tuple[NDArray[np.float32], list[str], list[str]]:
     """Decode every file; undecodable ones are skipped with a warning, an error only if none is left."""
-    arrays, kept, skipped = [], [], []
+    arrays, kept, skipped, reasons = [], [], [], []
     for path in files:
         try:
             arrays.append(load_image(path, prep))
         except (OSError, UnidentifiedImageError, ValueError) as exc:
-            logger.warning("skipping %s: cannot decode it as an image (%s)", path, exc)
             skipped.append(str(path))
+            reasons.append(str(exc))
         else:
             kept.append(str(path))
         if advance is not None:
             advance(1)
-    if not arrays:
-        raise DataError(f"{folder}: none of its {len(files)} image files could be decoded")
+    if not arrays:  # one sentence, not a warning per file before it
+        raise DataError(f"{folder}: none of its {len(files)} image files could be decoded ({skipped[0]}: {reasons[0]})")
+    for path, reason in list(zip(skipped, reasons, strict=True))[:MAX_SKIP_WARNINGS]:
+        logger.warning("skipping %s: cannot decode it as an image (%s)", path, reason)
     if skipped:
         logger.warning("%s: skipped %d file(s) that could not be decoded", folder, len(skipped))
     return np.stack(arrays).astype(np.float32), kept, skipped

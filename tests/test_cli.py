@@ -251,6 +251,7 @@ class BadInput:
 
     args: list[str]
     keywords: tuple[str, ...]
+    command: str = "fix"
 
 
 BAD_INPUTS = {
@@ -268,6 +269,23 @@ BAD_INPUTS = {
     "labels-file-missing": BadInput(["float.onnx", "quant.onnx", "loose", "--labels", "nope.csv"], ("nope.csv",)),
     "unknown-layer": BadInput(["float.onnx", "quant.onnx", "imgs", "--layer", "nope"], ("'nope'", "/fc2/Gemm")),
     "models-do-not-match": BadInput(["flat.onnx", "quant.onnx", "imgs"], ("different inputs", "[None, 64]")),
+    "no-readable-image": BadInput(["float.onnx", "quant.onnx", "broken"], ("broken", "none of its 2 image files")),
+    "input-size-unresolved": BadInput(
+        ["dynamic_float.onnx", "dynamic_quant.onnx", "imgs"], ("height and width must be fixed", "[?, 1, ?, ?]", ".npz")
+    ),
+    "saved-preprocessing-unreadable": BadInput(["float.onnx", "odd_quant.onnx", "imgs"], ("odd_quant.onnx",)),
+    "crop-smaller-than-model": BadInput(["float.onnx", "quant.onnx", "imgs", "--resize", "4"], ("at least 8",)),
+    "bgr-on-greyscale": BadInput(["float.onnx", "quant.onnx", "imgs", "--bgr"], ("--bgr", "3 colour channels")),
+    "eval-missing-model": BadInput(["missing.onnx", "imgs"], ("missing.onnx", "does not exist"), command="eval"),
+    "eval-against-mismatch": BadInput(
+        ["quant.onnx", "imgs", "--against", "flat.onnx"], ("different inputs",), command="eval"
+    ),
+    "inspect-float-as-quant": BadInput(["float.onnx", "float.onnx", "imgs"], ("not a QDQ model",), command="inspect"),
+    "inspect-empty-folder": BadInput(["float.onnx", "quant.onnx", "nothing_here"], ("has no images",), "inspect"),
+    "quantize-corrupt-model": BadInput(["random.onnx", "imgs", "-o", "q.onnx"], ("random.onnx",), "quantize"),
+    "quantize-output-exists": BadInput(
+        ["float.onnx", "imgs", "-o", "quant.onnx"], ("quant.onnx", "already exists", "--force"), "quantize"
+    ),
 }
 
 
@@ -292,7 +310,19 @@ def prepare_bad_inputs(digits: DigitsExample, root: Path) -> list[Path]:
         Image.fromarray(np.full((8, 8), 40 * i, np.uint8)).save(root / "loose" / f"{i}.png")
     (root / "missing.csv").write_text("filename,label\n0.png,1\n9.png,2\n")
     (root / "words.csv").write_text("0.png,cat\n")
+    (root / "broken" / "3").mkdir(parents=True)
+    for name in ("a.png", "b.png"):
+        (root / "broken" / "3" / name).write_bytes(b"\x89PNG\r\n\x1a\n" + b"not really" * 10)
+    for role in ("float", "quant"):  # the image size left open: cannot resize images to it
+        model = onnx.load(str(root / f"{role}.onnx"))
+        for dim in model.graph.input[0].type.tensor_type.shape.dim[2:]:
+            dim.dim_param = "size"
+        onnx.save(model, root / f"dynamic_{role}.onnx")
+    odd = onnx.load(str(root / "quant.onnx"))
+    odd.metadata_props.add(key="onnxrepair.preprocessing", value="{not json")
+    onnx.save(odd, root / "odd_quant.onnx")
     names = ("float.onnx", "quant.onnx", "random.onnx", "half.onnx", "flat.onnx", "imgs", "loose", "missing.csv")
+    names += ("broken", "dynamic_float.onnx", "dynamic_quant.onnx", "odd_quant.onnx")
     return [root / name for name in names]
 
 
@@ -312,7 +342,7 @@ def test_bad_input(
     root, hashes = bad_input_dir
     bad = BAD_INPUTS[case]
     before = hashes()
-    code = main(["fix", *bad.args])
+    code = main([bad.command, *bad.args])
     out, err = capsys.readouterr()
     assert code == 2
     assert "Traceback" not in out + err
@@ -321,6 +351,7 @@ def test_bad_input(
         assert keyword in words(err), err
     assert hashes() == before, "an input file changed"
     assert not (root / "quant.repaired.onnx").exists() and not (root / "float.repaired.onnx").exists()
+    assert not (root / "q.onnx").exists()
 
 
 # Rich wraps at the console width (80 columns when stderr is not a terminal) and reads `[...]` as markup:
@@ -333,7 +364,7 @@ def test_bad_input_error_is_one_line(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv("COLUMNS", "80")  # what rich assumes for a pipe or a log file
-    assert main(["fix", *BAD_INPUTS[case].args]) == 2
+    assert main([BAD_INPUTS[case].command, *BAD_INPUTS[case].args]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1, err
 

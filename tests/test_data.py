@@ -149,6 +149,19 @@ def test_corrupt_file_is_skipped(tmp_path: Path) -> None:
     assert sum(calls) == 4  # progress counts every file, decoded or not
 
 
+def test_many_corrupt_files_are_counted_and_only_the_first_named(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    save(tmp_path / "a" / "good.png", grey(10))
+    for i in range(8):
+        (tmp_path / "a" / f"bad{i}.png").write_bytes(b"not a png at all")
+    with caplog.at_level("WARNING"):
+        images = load_image_folder(tmp_path, GREY)
+    assert len(images) == 1 and len(images.skipped) == 8
+    named = [r for r in caplog.records if r.getMessage().startswith("skipping")]
+    assert len(named) == 5 and any("skipped 8 file(s)" in r.getMessage() for r in caplog.records)
+
+
 def test_only_corrupt_files_raise(tmp_path: Path) -> None:
     for cls in ("a", "b"):
         (tmp_path / cls).mkdir()
