@@ -1,7 +1,9 @@
 """The `onnxrepair` command line.
 
-Exit codes: 0 done (model written), 2 bad input or usage (one sentence on
-stderr, no traceback unless --debug), 130 interrupted.
+Commands: quantize, inspect, fix, eval. Exit codes, every command: 0 done
+(for fix: a repaired model written), 1 fix --search found nothing better (no
+model written), 2 bad input or usage (one sentence on stderr, no traceback
+unless --debug), 130 interrupted.
 """
 
 from __future__ import annotations
@@ -376,6 +378,10 @@ def build_parser() -> argparse.ArgumentParser:
     quantize_parser.add_argument("--labels", type=Path, help="CSV of filename,label rows for a flat folder")
     _add_preprocessing_flags(quantize_parser)
     quantize_parser.add_argument("--seed", type=int, default=0, help="seed of the hold-out split (default: 0)")
+    quantize_parser.add_argument("--batch-size", type=_positive_int, help="images per calibration and inference run")
+    quantize_parser.add_argument(
+        "--provider", choices=["auto", "cpu", "cuda"], default="auto", help="ONNX Runtime provider of the scoring"
+    )
     _add_output_flags(quantize_parser)
     return parser
 
@@ -525,7 +531,8 @@ def run_quantize(args: argparse.Namespace, console: Console) -> int:
         calibration_size=args.calibration_size,
         holdout_fraction=args.holdout_fraction,
         seed=args.seed,
-        batch_size=default_batch_size(spec.shape),
+        batch_size=args.batch_size or default_batch_size(spec.shape),
+        providers=tuple(select_providers(args.provider)),
     )
     console.print(f"quantizing on {min(args.calibration_size, len(images))} images at most ...", highlight=False)
     result = quantize(args.float_model, images, config)

@@ -408,6 +408,7 @@ def _decode(
         logger.warning("skipping %s: cannot decode it as an image (%s)", path, reason)
     if skipped:
         logger.warning("%s: skipped %d file(s) that could not be decoded", folder, len(skipped))
+    logger.info("%s: %d images decoded (%s)", folder, len(kept), prep.describe())
     return np.stack(arrays).astype(np.float32), kept, skipped
 
 

@@ -21,6 +21,7 @@ This module knows ONNX and nothing of solvers; it returns plain arrays.
 from __future__ import annotations
 
 import copy
+import logging
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -33,6 +34,8 @@ from numpy.typing import NDArray
 from onnx import numpy_helper
 
 from onnxrepair.errors import ModelLoadError, ModelPairingError, UnsupportedModelError
+
+logger = logging.getLogger(__name__)
 
 DEQUANTIZE_OPS = frozenset({"DequantizeLinear"})
 QUANTIZE_OPS = frozenset({"QuantizeLinear"})
@@ -141,6 +144,8 @@ def load_model(path: Path, role: str) -> onnx.ModelProto:
     except onnx.checker.ValidationError as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else "invalid"
         raise ModelLoadError(f"{role} model {path} is not a valid ONNX model: {first_line}") from exc
+    opsets = ", ".join(f"{o.domain or 'ai.onnx'} {o.version}" for o in model.opset_import)
+    logger.info("%s model %s: %d nodes, opsets %s", role, path, len(model.graph.node), opsets)
     return model
 
 

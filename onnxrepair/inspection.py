@@ -20,6 +20,7 @@ passing ones.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -36,6 +37,8 @@ from onnxrepair.progress import NoProgress, Progress
 from onnxrepair.repair import LayerRow, list_layers
 from onnxrepair.runtime import make_session, output_name, run_batched
 from onnxrepair.spectrum import activation_flips, collect_spectrum, failing_mask
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -121,6 +124,7 @@ def inspect_models(
     f_out, q_out = output_name(float_model), output_name(quant_model)
     f_taps = [f_out] + [row.pair.float_layer.output_tensor for row in paired if row.pair]
     q_taps = [q_out] + [row.pair.quant_layer.output_tensor for row in paired if row.pair]
+    logger.info("running FLOAT and QUANT on %d images, %d dense layers tapped", len(images), len(paired))
     with progress.task("running models", 2 * len(images)) as advance:
         f = _run(float_model, "FLOAT", f_taps, images.x, batch_size, advance, providers)
         q = _run(quant_model, "QUANT", q_taps, images.x, batch_size, advance, providers)

@@ -24,6 +24,8 @@ from onnxrepair.errors import UnsupportedModelError
 from onnxrepair.graph import input_spec
 from onnxrepair.repair import ModelScore, score_model
 
+logger = logging.getLogger(__name__)
+
 WEIGHT_TYPES = ("int8", "uint8", "int4")
 CALIBRATIONS = ("minmax", "entropy", "percentile")
 
@@ -40,6 +42,7 @@ class QuantizeConfig:
         holdout_fraction: share of the images kept out of calibration to measure agreement.
         seed: seeds the split.
         batch_size: images per calibration and inference run.
+        providers: ONNX Runtime execution providers that score the result (empty: the default).
     """
 
     per_channel: bool = False
@@ -49,6 +52,7 @@ class QuantizeConfig:
     holdout_fraction: float = 0.2
     seed: int = 0
     batch_size: int = 64
+    providers: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -80,6 +84,14 @@ def quantize(float_path: Path, images: ImageSet, config: QuantizeConfig) -> Quan
         "entropy": CalibrationMethod.Entropy,
         "percentile": CalibrationMethod.Percentile,
     }[config.calibration]
+    logger.info(
+        "quantize_static: QDQ, %s weights %s, uint8 activations, %s calibration on %d images, %d held out",
+        config.weights,
+        "per channel" if config.per_channel else "per tensor",
+        config.calibration,
+        len(calibrate_idx),
+        len(holdout_idx),
+    )
     with tempfile.TemporaryDirectory(prefix="onnxrepair-quantize-") as folder:
         output = Path(folder) / "quant.onnx"
         quiet = logging.getLogger().level
@@ -103,8 +115,9 @@ def quantize(float_path: Path, images: ImageSet, config: QuantizeConfig) -> Quan
             logging.getLogger().setLevel(quiet)
         quant_model = onnx.load(str(output))
     holdout = images.subset(holdout_idx)
-    scored = score_model(quant_model, holdout, config.batch_size, float_model)
-    float_scored = score_model(float_model, holdout, config.batch_size)
+    providers = config.providers or None
+    scored = score_model(quant_model, holdout, config.batch_size, float_model, providers)
+    float_scored = score_model(float_model, holdout, config.batch_size, providers=providers)
     return QuantizeResult(quant_model, len(calibrate_idx), scored, float_scored)
 
 

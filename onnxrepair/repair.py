@@ -308,6 +308,7 @@ def score_model(
     progress = progress or NoProgress()
     models = [(model, "MODEL")] + ([(reference, "--against")] if reference is not None else [])
     top1 = []
+    logger.info("scoring %s on %d inputs", " and ".join(role for _, role in models), len(images))
     with progress.task("evaluating", len(models) * len(images)) as advance:
         for each, role in models:
             name = output_name(each)

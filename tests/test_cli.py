@@ -404,3 +404,38 @@ def test_output_path_with_brackets(digits: DigitsExample, tmp_path: Path, capsys
     output = tmp_path / "runs[" / "x].onnx"  # the path text holds "[/x]"
     assert main(["fix", str(digits.float_path), str(digits.quant_path), str(digits.images), "-o", str(output)]) == 0
     assert str(output) in words(capsys.readouterr().out)
+
+
+@pytest.mark.parametrize("command", ["quantize", "inspect", "fix", "eval"])
+def test_every_command_documents_examples_exit_codes_and_verbosity(
+    command: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as stop:
+        main([command, "--help"])
+    text = capsys.readouterr().out
+    assert stop.value.code == 0
+    assert "examples:" in text and f"onnxrepair {command}" in text.split("examples:")[1]
+    assert "exit codes:" in text and "2 bad input" in text
+    for flag in ("--quiet", "--verbose", "--debug", "--preprocess", "--resize", "--bgr"):
+        assert flag in text
+
+
+def test_quiet_and_verbose_for_every_command(
+    digits: DigitsExample, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    models, images = [str(digits.float_path), str(digits.quant_path)], str(digits.validation)
+    runs = {
+        "quantize": [str(digits.float_path), images, "-o", str(tmp_path / "q.onnx"), "--calibration-size", "16"],
+        "inspect": [*models, images],
+        "eval": [str(digits.quant_path), images, "--against", str(digits.float_path)],
+    }
+    for command, args in runs.items():
+        assert main([command, *args, "-q", "--force"] if command == "quantize" else [command, *args, "-q"]) == 0
+        out, err = capsys.readouterr()
+        assert out == "" and err == "", command
+        assert main([command, *args, "--force"] if command == "quantize" else [command, *args]) == 0
+        out, err = capsys.readouterr()
+        assert "preprocessing:" in out and "INFO" not in err, command
+        assert main([command, *args, "--force", "-v"] if command == "quantize" else [command, *args, "-v"]) == 0
+        out, err = capsys.readouterr()
+        assert "preprocessing:" in out and "images decoded" in words(err) and "nodes, opsets" in words(err), command
