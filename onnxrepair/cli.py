@@ -579,8 +579,8 @@ def run_eval(args: argparse.Namespace, console: Console) -> int:
         mine, theirs = input_spec(model), input_spec(reference)
         if mine.shape[1:] != theirs.shape[1:]:
             raise ModelPairingError(
-                f"the models take different inputs: MODEL '{mine.name}' {list(mine.shape)}, "
-                f"--against '{theirs.name}' {list(theirs.shape)}"
+                f"the models take different inputs: MODEL '{mine.name}' {mine.shown}, "
+                f"--against '{theirs.name}' {theirs.shown}"
             )
     if args.report:
         check_output_path(args.report, args.force, [p for p in (args.model, args.against) if p], "report")

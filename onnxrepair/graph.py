@@ -116,6 +116,11 @@ class InputSpec:
     name: str
     shape: tuple[int | None, ...]
 
+    @property
+    def shown(self) -> str:
+        """The shape as messages show it: [?, 3, 224, 224]."""
+        return "[" + ", ".join("?" if d is None else str(d) for d in self.shape) + "]"
+
 
 def load_model(path: Path, role: str) -> onnx.ModelProto:
     """Read and check an ONNX file.
@@ -192,8 +197,7 @@ def check_models_match(float_model: onnx.ModelProto, quant_model: onnx.ModelProt
     f_in, q_in = input_spec(float_model), input_spec(quant_model)
     if f_in.shape[1:] != q_in.shape[1:]:
         raise ModelPairingError(
-            f"the models take different inputs: FLOAT '{f_in.name}' {list(f_in.shape)}, "
-            f"QUANT '{q_in.name}' {list(q_in.shape)}"
+            f"the models take different inputs: FLOAT '{f_in.name}' {f_in.shown}, QUANT '{q_in.name}' {q_in.shown}"
         )
     f_out, q_out = len(float_model.graph.output), len(quant_model.graph.output)
     if f_out != q_out:

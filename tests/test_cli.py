@@ -268,7 +268,7 @@ BAD_INPUTS = {
     ),
     "labels-file-missing": BadInput(["float.onnx", "quant.onnx", "loose", "--labels", "nope.csv"], ("nope.csv",)),
     "unknown-layer": BadInput(["float.onnx", "quant.onnx", "imgs", "--layer", "nope"], ("'nope'", "/fc2/Gemm")),
-    "models-do-not-match": BadInput(["flat.onnx", "quant.onnx", "imgs"], ("different inputs", "[None, 64]")),
+    "models-do-not-match": BadInput(["flat.onnx", "quant.onnx", "imgs"], ("different inputs", "[?, 64]")),
     "no-readable-image": BadInput(["float.onnx", "quant.onnx", "broken"], ("broken", "none of its 2 image files")),
     "input-size-unresolved": BadInput(
         ["dynamic_float.onnx", "dynamic_quant.onnx", "imgs"], ("height and width must be fixed", "[?, 1, ?, ?]", ".npz")
