@@ -469,7 +469,12 @@ def run_fix(args: argparse.Namespace, console: Console) -> int:
     prep_text = _print_preprocessing(console, prep, source)
     with RichProgress(console, enabled=not args.quiet) as progress:
         repair_set, validation_set = load_sets(paths, spec.shape, prep, args, config, progress)
-        console.print(f"images: {len(repair_set)} for repair, {len(validation_set)} for validation", highlight=False)
+        skipped = sorted(set(repair_set.skipped) | set(validation_set.skipped))
+        console.print(
+            f"images: {len(repair_set)} for repair, {len(validation_set)} for validation"
+            + (f" ({len(skipped)} undecodable file(s) skipped)" if skipped else ""),
+            highlight=False,
+        )
         result = repair(float_model, quant_model, repair_set, validation_set, config, progress)
     if result.model is not None:
         if prep is not None:
@@ -488,7 +493,7 @@ def run_fix(args: argparse.Namespace, console: Console) -> int:
             preprocessing=prep_text,
             output=str(paths.output) if result.model is not None else None,
         )
-        save_json(report, paths.report)
+        save_json({**report, "skipped_images": skipped}, paths.report)
     plotted = None
     if paths.plot is not None and result.layers:
         last = result.layers[-1]
@@ -600,6 +605,7 @@ def run_eval(args: argparse.Namespace, console: Console) -> int:
             "against": str(args.against) if args.against else None,
             "images": str(args.images),
             "preprocessing": prep_text,
+            "skipped_images": list(images.skipped),
             **dataclasses.asdict(score),
         }
         save_json(scores, args.report)
@@ -641,7 +647,7 @@ def run_inspect(args: argparse.Namespace, console: Console) -> int:
     print_inspection(console, inspection, command)
     if args.json is not None:
         inputs = {name: str(getattr(args, name)) for name in ("float_model", "quant_model", "images")}
-        findings = inspection_dict(inspection, inputs, prep_text)
+        findings = {**inspection_dict(inspection, inputs, prep_text), "skipped_images": list(images.skipped)}
         if to_stdout:
             sys.stdout.write(json.dumps(findings, indent=2) + "\n")
         else:

@@ -236,7 +236,7 @@ class ImageSet:
         labels: class index per image; None for unlabelled arrays.
         class_names: folder name of each class index.
         paths: source file of each image.
-        skipped: files that could not be decoded.
+        skipped: files that could not be decoded (kept by `subset`: they belong to the load, not to a part).
     """
 
     x: NDArray[np.float32]
@@ -260,6 +260,7 @@ class ImageSet:
             labels=None if self.labels is None else self.labels[indices],
             class_names=self.class_names,
             paths=tuple(self.paths[i] for i in indices),
+            skipped=self.skipped,  # what loading skipped stays known to every part of a split
         )
 
 

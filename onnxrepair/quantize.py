@@ -114,6 +114,7 @@ def quantize(float_path: Path, images: ImageSet, config: QuantizeConfig) -> Quan
         finally:
             logging.getLogger().setLevel(quiet)
         quant_model = onnx.load(str(output))
+    onnx.checker.check_model(quant_model)  # what is written must be a valid model (ORT runs it below)
     holdout = images.subset(holdout_idx)
     providers = config.providers or None
     scored = score_model(quant_model, holdout, config.batch_size, float_model, providers)

@@ -439,3 +439,21 @@ def test_quiet_and_verbose_for_every_command(
         assert main([command, *args, "--force", "-v"] if command == "quantize" else [command, *args, "-v"]) == 0
         out, err = capsys.readouterr()
         assert "preprocessing:" in out and "images decoded" in words(err) and "nodes, opsets" in words(err), command
+
+
+def test_an_undecodable_image_is_skipped_warned_and_counted(
+    digits: DigitsExample, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    images = tmp_path / "images"
+    shutil.copytree(digits.images, images)
+    (images / "3" / "cut.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"half a file")
+    run = fix(digits, tmp_path, capsys, "--neurons", "2", "--jobs", "1")
+    assert run.code == 0  # the run used digits.images: nothing skipped
+    assert run.report["skipped_images"] == [] and "skipped" not in run.stdout
+    models = [str(digits.float_path), str(digits.quant_path), str(images)]
+    report = tmp_path / "skipped.json"
+    assert main(["fix", *models, "-o", str(tmp_path / "s.onnx"), "--report", str(report), "--neurons", "2"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(report.read_text())["skipped_images"] == [str(images / "3" / "cut.png")]
+    assert "(1 undecodable file(s) skipped)" in words(out)
+    assert "cut.png" in words(err) and "skipped 1 file(s)" in words(err)
