@@ -463,10 +463,9 @@ def run_fix(args: argparse.Namespace, console: Console) -> int:
         else None,
     )
     spec = input_spec(float_model)
-    uses_files = not all(is_array_file(p) for p in (paths.images, paths.validation) if p is not None)
     saved_in = [(paths.quant_model, quant_model), (paths.float_model, float_model)]
-    prep, source = choose_preprocessing(args, spec, saved_in) if uses_files else (None, "")
-    prep_text = _print_preprocessing(console, prep, source)
+    image_paths = [p for p in (paths.images, paths.validation) if p is not None]
+    prep, prep_text = resolve_preprocessing(args, spec, saved_in, image_paths, console)
     with RichProgress(console, enabled=not args.quiet) as progress:
         repair_set, validation_set = load_sets(paths, spec.shape, prep, args, config, progress)
         skipped = sorted(set(repair_set.skipped) | set(validation_set.skipped))
@@ -524,9 +523,7 @@ def run_quantize(args: argparse.Namespace, console: Console) -> int:
     float_model = load_model(args.float_model, "FLOAT")
     check_output_path(args.output, args.force, [args.float_model], "output model")
     spec = input_spec(float_model)
-    files = not is_array_file(args.images)
-    prep, source = choose_preprocessing(args, spec, [(args.float_model, float_model)]) if files else (None, "")
-    _print_preprocessing(console, prep, source)
+    prep, _ = resolve_preprocessing(args, spec, [(args.float_model, float_model)], [args.images], console)
     with RichProgress(console, enabled=not args.quiet) as progress:
         images = read_images(args.images, spec.shape, prep, args.labels, progress)
     config = QuantizeConfig(
@@ -592,8 +589,7 @@ def run_eval(args: argparse.Namespace, console: Console) -> int:
     spec = input_spec(model)
     providers = select_providers(args.provider)
     saved_in = [(args.model, model)] + ([(args.against, reference)] if reference is not None else [])
-    prep, source = choose_preprocessing(args, spec, saved_in) if not is_array_file(args.images) else (None, "")
-    prep_text = _print_preprocessing(console, prep, source)
+    prep, prep_text = resolve_preprocessing(args, spec, saved_in, [args.images], console)
     with RichProgress(console, enabled=not args.quiet) as progress:
         images = read_images(args.images, spec.shape, prep, args.labels, progress)
         batch_size = args.batch_size or default_batch_size(spec.shape)
@@ -624,8 +620,7 @@ def run_inspect(args: argparse.Namespace, console: Console) -> int:
         check_output_path(args.json, args.force, [args.float_model, args.quant_model, args.images], "--json file")
     spec = input_spec(float_model)
     saved_in = [(args.quant_model, quant_model), (args.float_model, float_model)]
-    prep, source = choose_preprocessing(args, spec, saved_in) if not is_array_file(args.images) else (None, "")
-    prep_text = _print_preprocessing(console, prep, source)
+    prep, prep_text = resolve_preprocessing(args, spec, saved_in, [args.images], console)
     with RichProgress(console, enabled=not (args.quiet or to_stdout)) as progress:
         images = read_images(args.images, spec.shape, prep, args.labels, progress)
         inspection = inspect_models(
@@ -731,14 +726,24 @@ def choose_preprocessing(
     return preprocessing_from_options(spec.name, spec.shape, PreprocessingOptions()), "default"
 
 
-def _print_preprocessing(console: Console, prep: Preprocessing | None, source: str) -> str:
-    """Print the preprocessing line; returns the text the report records."""
-    if prep is None:
-        text = "arrays from .npz/.npy used as they are"
+def resolve_preprocessing(
+    args: argparse.Namespace,
+    spec: InputSpec,
+    saved_in: Sequence[tuple[Path, onnx.ModelProto]],
+    image_paths: Sequence[Path],
+    console: Console,
+) -> tuple[Preprocessing | None, str]:
+    """The run's preprocessing (None when every input is an array file), printed; and the report's text."""
+    if all(is_array_file(path) for path in image_paths):
+        given = [f"--{flag}" for flag in PREPROCESSING_FLAGS if getattr(args, flag) is not None]
+        if given:
+            logger.warning("%s apply to image files; arrays from .npz/.npy are used as they are", ", ".join(given))
+        prep, text = None, "arrays from .npz/.npy used as they are"
     else:
+        prep, source = choose_preprocessing(args, spec, saved_in)
         text = prep.describe() + ("" if source in ("options", "default") else f" ({source})")
     console.print(f"preprocessing: {escape(text)}", highlight=False, soft_wrap=True)
-    return text
+    return prep, text
 
 
 def _add_output_flags(parser: argparse.ArgumentParser) -> None:

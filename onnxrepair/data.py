@@ -405,8 +405,8 @@ def _decode(
             advance(1)
     if not arrays:  # one sentence, not a warning per file before it
         raise DataError(f"{folder}: none of its {len(files)} image files could be decoded ({skipped[0]}: {reasons[0]})")
-    for path, reason in list(zip(skipped, reasons, strict=True))[:MAX_SKIP_WARNINGS]:
-        logger.warning("skipping %s: cannot decode it as an image (%s)", path, reason)
+    for name, reason in list(zip(skipped, reasons, strict=True))[:MAX_SKIP_WARNINGS]:
+        logger.warning("skipping %s: cannot decode it as an image (%s)", name, reason)
     if skipped:
         logger.warning("%s: skipped %d file(s) that could not be decoded", folder, len(skipped))
     logger.info("%s: %d images decoded (%s)", folder, len(kept), prep.describe())

@@ -10,6 +10,7 @@ import pytest
 from conftest import DigitsExample
 from helpers_issue3 import one_line, run_fix, top1
 
+from onnxrepair.cli import main
 from onnxrepair.data import is_array_file, load_array_file, stratified_split
 from onnxrepair.errors import DataError
 
@@ -247,3 +248,15 @@ def test_cli_wrong_shape_exits_2_naming_it(
     assert run.code == 2
     assert one_line(run.err), run.err
     assert "[20, 64]" in run.err and "[N, 1, 8, 8]" in run.err
+
+
+def test_image_options_with_arrays_warn_that_they_do_nothing(
+    digits: DigitsExample, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    np.savez(tmp_path / "val.npz", x=digits.x[:40], y=digits.y[:40])
+    assert main(["eval", str(digits.quant_path), str(tmp_path / "val.npz"), "--resize", "crop", "--bgr"]) == 0
+    out, err = capsys.readouterr()
+    assert "arrays from .npz/.npy used as they are" in out
+    assert "--resize, --bgr apply to image files" in " ".join(err.split())
+    assert main(["eval", str(digits.quant_path), str(tmp_path / "val.npz")]) == 0
+    assert "apply to image files" not in capsys.readouterr().err
