@@ -1,0 +1,96 @@
+#!/usr/bin/env python
+"""Run `onnxrepair fix` on every exporter x quantized-flavour fixture and print a markdown table.
+
+Run from the repository root (no torch needed; the fixtures are committed)::
+
+    python tools/exporter_matrix.py                      # tests/fixtures, default fix options
+    python tools/exporter_matrix.py --fixtures DIR -- --neurons 5 --encoding soft
+
+Each run is ``onnxrepair fix FLOAT QUANT digits[_flat].npz --report R.json``
+(options after ``--`` are passed on). The table gives the exit code, then
+the three models on the validation split that `fix` held out (20 % of the
+fixture's 597 digits): top-1 accuracy of float, quantized, repaired, and
+the top-1 agreement of the quantized and repaired models with the float one.
+A run that fails shows the first line of its message instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+FLAVOURS = (
+    "qdq_s8_tensor",
+    "qdq_s8_channel",
+    "qdq_s8_asym",
+    "qdq_u8_channel",
+    "qdq_s4_channel",
+    "qdq_relu_removed",
+    "qdq_float_out",
+    "qop_s8",
+    "dynamic_s8",
+)
+
+
+def run_fix(float_path: Path, quant_path: Path, data: Path, extra: list[str]) -> tuple[int, dict | None, str]:
+    """Exit code, the JSON report (None when there is none) and stderr of one in-process run."""
+    from onnxrepair.cli import main
+
+    with tempfile.TemporaryDirectory() as tmp:
+        report = Path(tmp) / "report.json"
+        args = ["fix", str(float_path), str(quant_path), str(data), "-o", str(Path(tmp) / "r.onnx")]
+        args += ["--report", str(report), "-q", *extra]
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            code = main(args)
+        loaded = json.loads(report.read_text()) if report.exists() else None
+    return code, loaded, err.getvalue()
+
+
+def pct(value: float | None) -> str:
+    return "" if value is None else f"{100 * value:.1f}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra = argv[argv.index("--") + 1 :] if "--" in argv else []
+    argv = argv[: argv.index("--")] if "--" in argv else argv
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--fixtures", type=Path, default=ROOT / "tests" / "fixtures")
+    args = ap.parse_args(argv)
+    folder: Path = args.fixtures
+    print(f"`onnxrepair fix FLOAT QUANT DATA {' '.join(extra)}` on {folder}; validation split:")
+    print()
+    print("| exporter | flavour | fix | float acc | quant acc | repaired acc | quant agree | repaired agree | note |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for float_path in sorted(folder.glob("*.float.onnx")):
+        exporter = float_path.name.removesuffix(".float.onnx")
+        data = folder / ("digits_flat.npz" if exporter.startswith("skl2onnx") else "digits.npz")
+        for flavour in FLAVOURS:
+            quant_path = folder / f"{exporter}.{flavour}.onnx"
+            if not quant_path.exists():
+                print(f"| {exporter} | {flavour} | - | | | | | | no fixture |")
+                continue
+            code, report, err = run_fix(float_path, quant_path, data, extra)
+            if report is None:
+                note = " ".join(err.split()).removeprefix("error: ")[:140].replace("|", "/")
+                print(f"| {exporter} | {flavour} | exit {code} | | | | | | {note} |")
+                continue
+            r = report
+            changed = "" if r.get("repaired_agreement") != r.get("quant_agreement") else "unchanged"
+            print(
+                f"| {exporter} | {flavour} | exit {code} | {pct(r['float_accuracy'])} | {pct(r['quant_accuracy'])} "
+                f"| {pct(r['repaired_accuracy'])} | {pct(r['quant_agreement'])} | {pct(r['repaired_agreement'])} "
+                f"| {r['layer']} {changed} |"
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
