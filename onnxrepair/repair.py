@@ -101,6 +101,8 @@ def resolve_layers(float_model: onnx.ModelProto, names: tuple[str, ...]) -> list
         ModelPairingError: an unknown name or a bad "last:K".
     """
     available = [layer.name for layer in find_dense_layers(float_model)]
+    if not available:
+        pair_layer(float_model, float_model, None)  # raises UnsupportedModelError, naming the nodes and why
     if not names:
         return available[-1:]
     resolved: list[str] = []
