@@ -7,11 +7,12 @@ Run from the repository root (no torch needed; the fixtures are committed)::
     python tools/exporter_matrix.py --fixtures DIR -- --neurons 5 --encoding soft
 
 Each run is ``onnxrepair fix FLOAT QUANT digits[_flat].npz --report R.json``
-(options after ``--`` are passed on). The table gives the exit code, then
-the three models on the validation split that `fix` held out (20 % of the
-fixture's 597 digits): top-1 accuracy of float, quantized, repaired, and
-the top-1 agreement of the quantized and repaired models with the float one.
-A run that fails shows the first line of its message instead.
+(options after ``--`` are passed on). The table gives the exit code, the
+layer repaired, how many stored values (integer weights, biases) the repair
+changed, then the three models on the validation split that `fix` held out
+(20 % of the fixture's 597 digits): top-1 accuracy (%) of float, quantized,
+repaired, and the top-1 agreement (%) of the quantized and repaired models
+with the float one. A run that fails shows its message instead.
 """
 
 from __future__ import annotations
@@ -38,19 +39,31 @@ FLAVOURS = (
 )
 
 
-def run_fix(float_path: Path, quant_path: Path, data: Path, extra: list[str]) -> tuple[int, dict | None, str]:
-    """Exit code, the JSON report (None when there is none) and stderr of one in-process run."""
+def run_fix(float_path: Path, quant_path: Path, data: Path, extra: list[str]) -> tuple[int, dict | None, int, str]:
+    """Exit code, the JSON report (None when there is none), integers changed, and stderr of one in-process run."""
     from onnxrepair.cli import main
 
     with tempfile.TemporaryDirectory() as tmp:
-        report = Path(tmp) / "report.json"
-        args = ["fix", str(float_path), str(quant_path), str(data), "-o", str(Path(tmp) / "r.onnx")]
+        report, output = Path(tmp) / "report.json", Path(tmp) / "r.onnx"
+        args = ["fix", str(float_path), str(quant_path), str(data), "-o", str(output)]
         args += ["--report", str(report), "-q", *extra]
         err = io.StringIO()
         with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
             code = main(args)
         loaded = json.loads(report.read_text()) if report.exists() else None
-    return code, loaded, err.getvalue()
+        changed = changed_values(quant_path, output) if output.exists() else 0
+    return code, loaded, changed, err.getvalue()
+
+
+def changed_values(before: Path, after: Path) -> int:
+    """How many stored values (integer weights and biases) differ between two models."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    old = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(before)).graph.initializer}
+    new = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(after)).graph.initializer}
+    return sum(int(np.count_nonzero(old[k] != new[k])) for k in old if k in new and old[k].shape == new[k].shape)
 
 
 def pct(value: float | None) -> str:
@@ -67,27 +80,29 @@ def main(argv: list[str] | None = None) -> int:
     folder: Path = args.fixtures
     print(f"`onnxrepair fix FLOAT QUANT DATA {' '.join(extra)}` on {folder}; validation split:")
     print()
-    print("| exporter | flavour | fix | float acc | quant acc | repaired acc | quant agree | repaired agree | note |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print(
+        "| exporter | flavour | fix | layer | values changed | float acc | quant acc | repaired acc "
+        "| quant agree | repaired agree |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for float_path in sorted(folder.glob("*.float.onnx")):
         exporter = float_path.name.removesuffix(".float.onnx")
         data = folder / ("digits_flat.npz" if exporter.startswith("skl2onnx") else "digits.npz")
         for flavour in FLAVOURS:
             quant_path = folder / f"{exporter}.{flavour}.onnx"
             if not quant_path.exists():
-                print(f"| {exporter} | {flavour} | - | | | | | | no fixture |")
+                print(f"| {exporter} | {flavour} | no fixture | | | | | | | |")
                 continue
-            code, report, err = run_fix(float_path, quant_path, data, extra)
+            code, report, changed, err = run_fix(float_path, quant_path, data, extra)
             if report is None:
-                note = " ".join(err.split()).removeprefix("error: ")[:140].replace("|", "/")
-                print(f"| {exporter} | {flavour} | exit {code} | | | | | | {note} |")
+                note = " ".join(err.split()).removeprefix("error: ").replace("|", "/")
+                print(f"| {exporter} | {flavour} | exit {code}: {note} | | | | | | | |")
                 continue
             r = report
-            changed = "" if r.get("repaired_agreement") != r.get("quant_agreement") else "unchanged"
             print(
-                f"| {exporter} | {flavour} | exit {code} | {pct(r['float_accuracy'])} | {pct(r['quant_accuracy'])} "
-                f"| {pct(r['repaired_accuracy'])} | {pct(r['quant_agreement'])} | {pct(r['repaired_agreement'])} "
-                f"| {r['layer']} {changed} |"
+                f"| {exporter} | {flavour} | exit {code} | {r['layer']} | {changed} | {pct(r['float_accuracy'])} "
+                f"| {pct(r['quant_accuracy'])} | {pct(r['repaired_accuracy'])} | {pct(r['quant_agreement'])} "
+                f"| {pct(r['repaired_agreement'])} |"
             )
     return 0
 
