@@ -445,6 +445,22 @@ def initializers(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
     return {t.name: t for t in model.graph.initializer}
 
 
+def clips_negatives(model: onnx.ModelProto, encoding: IntegerTensor) -> bool:
+    """True when an integer activation cannot hold negative values: its zero point is its type's minimum.
+
+    ONNX Runtime's QOperator format removes a Relu that follows a layer and
+    quantizes the layer's output to [0, max] instead, so the output holds
+    max(pre-activation, 0). False when the zero point is not a constant.
+    """
+    if encoding.zero_point is None:
+        return True  # no zero point: uint8 zero, the bottom of its range
+    inits = initializers(model)
+    if encoding.zero_point not in inits:
+        return False
+    zero = numpy_helper.to_array(inits[encoding.zero_point])
+    return bool(np.all(zero == ml_dtypes.iinfo(zero.dtype).min))
+
+
 def tap_layer(model: onnx.ModelProto, layer: DenseLayer) -> tuple[onnx.ModelProto, str, str]:
     """`model` (a copy where needed) and the float tensors holding the layer's x and pre-activation.
 

@@ -26,6 +26,7 @@ from onnxrepair.graph import (
     DenseLayer,
     LayerGrid,
     LayerPair,
+    clips_negatives,
     dense_parameters,
     input_spec,
     layer_grid,
@@ -137,11 +138,17 @@ def read_layer_activity(
     _check_width(f[f_pre], f_layer, "FLOAT")
     _check_width(q[q_pre], q_layer, "QUANT")
     _check_width(q[q_in], q_layer, "QUANT", side="input")
+    quant_pre = q[q_pre]
+    if q_layer.output_encoding is not None and clips_negatives(quant_model, q_layer.output_encoding):
+        # A Relu fused into the integer output: y = max(pre, 0) hides how negative each neuron is (bias
+        # correction needs it). The pre-activation is Q's exact integer accumulator, x @ W^T + b in reals.
+        weights, bias = dense_parameters(quant_model, q_layer)
+        quant_pre = (q[q_in].astype(np.float64) @ weights.T + bias).astype(np.float32)
     return LayerActivity(
         float_scores=f[f_out],
         quant_scores=q[q_out],
         float_pre=f[f_pre],
-        quant_pre=q[q_pre],
+        quant_pre=quant_pre,
         quant_inputs=q[q_in],
     )
 

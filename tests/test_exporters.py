@@ -31,6 +31,7 @@ from onnxrepair.graph import (
     DenseLayer,
     QuantizedTensor,
     as_matrix,
+    clips_negatives,
     dense_parameters,
     find_dense_layers,
     initializers,
@@ -227,6 +228,20 @@ def test_integer_input_is_read_as_its_real_value() -> None:
     steps = activity.quant_inputs / scale
     np.testing.assert_allclose(steps, np.round(steps), atol=1e-3)
     assert activity.quant_inputs.min() >= 0.0  # the Relu is fused into fc1's output quantization
+
+
+@pytest.mark.parametrize("exporter", ["torchscript", "skl2onnx"])
+def test_fused_relu_output_is_read_as_the_pre_activation(exporter: str) -> None:
+    """QOperator fc1 writes max(pre, 0) as uint8; the spectrum and bias correction need pre itself."""
+    float_model, quant_model = load(exporter, "qop_s8")
+    pair = pair_layer(float_model, quant_model, find_dense_layers(float_model)[0].name)
+    assert pair.quant_layer.output_encoding is not None
+    assert clips_negatives(quant_model, pair.quant_layer.output_encoding)
+    activity = read_layer_activity(float_model, quant_model, pair, inputs(exporter), batch_size=64)
+    assert activity.quant_pre.min() < 0.0 < activity.quant_pre.max()
+    # it follows the float pre-activation, negatives included (within a few input and weight steps)
+    gap = np.abs(activity.quant_pre - activity.float_pre)
+    assert np.median(gap) < 0.05 * np.abs(activity.float_pre).max()
 
 
 # --- `onnxrepair fix` on every exporter x flavour ----------------------------------------------------
