@@ -50,11 +50,13 @@ FLAVOURS = (
     "qdq_s4_channel",
     "qdq_relu_removed",
     "qdq_float_out",
+    "qdq_head_excluded",
     "qop_s8",
     "dynamic_s8",
 )
 UNSUPPORTED = {("convhead", "dynamic_s8")}  # ConvInteger: refused with a reason (test below)
-CASES = [(e, f) for e in EXPORTERS for f in FLAVOURS if (e, f) not in UNSUPPORTED]
+# qdq_head_excluded leaves the last layer float (nodes_to_exclude): the default layer has nothing to repair
+CASES = [(e, f) for e in EXPORTERS for f in FLAVOURS if (e, f) not in UNSUPPORTED and f != "qdq_head_excluded"]
 
 
 def data_path(exporter: str) -> Path:
@@ -290,6 +292,20 @@ def test_fix_changes_weights_where_quantization_hurt(tmp_path: Path, capsys: pyt
     moved = weight_matrix(quant, layer) != weight_matrix(run.repaired, layer)
     assert moved.any()
     assert run.report["repaired_agreement"] > run.report["quant_agreement"]
+
+
+@pytest.mark.parametrize("exporter", EXPORTERS)
+def test_layer_left_float_by_the_quantizer(exporter: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """nodes_to_exclude kept the last layer float: fix on it says so (exit 2); the layer before is repairable."""
+    run = fix(exporter, "qdq_head_excluded", tmp_path, capsys)
+    last = EXPECTED_FLOAT[exporter][-1][0]
+    assert run.code == 2 and run.repaired is None
+    assert f"the weights of layer '{last}' in QUANT are not quantized" in " ".join(run.err.split())
+    if len(EXPECTED_FLOAT[exporter]) > 1:
+        first = EXPECTED_FLOAT[exporter][0][0]
+        run = fix(exporter, "qdq_head_excluded", tmp_path, capsys, "--layer", first)
+        assert run.code == 0, run.err
+        assert run.report["layer"] == first
 
 
 @pytest.mark.parametrize(

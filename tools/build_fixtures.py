@@ -30,6 +30,7 @@ Quantized flavours (ONNX Runtime, calibrated on the first 64 images of digits.np
     qdq_s4_channel    QDQ, 4-bit weights per channel (QInt4)
     qdq_relu_removed  QDQ, int8 per tensor, the quantizer's default: Relu removed
     qdq_float_out     QDQ, int8 per tensor, layer outputs left float (OpTypesToExcludeOutputQuantization)
+    qdq_head_excluded QDQ, int8 per tensor, the last dense layer left float (nodes_to_exclude)
     qop_s8            QOperator format (QLinearMatMul / QGemm / QLinearConv), int8 per tensor
     dynamic_s8        quantize_dynamic: DynamicQuantizeLinear + MatMulInteger (Gemm/Conv stay float)
 
@@ -62,6 +63,7 @@ FLAVOURS = (
     "qdq_s4_channel",
     "qdq_relu_removed",
     "qdq_float_out",
+    "qdq_head_excluded",
     "qop_s8",
     "dynamic_s8",
 )
@@ -153,6 +155,14 @@ def export_torch(net, path: Path, dynamo: bool) -> None:
             verbose=False,
         )
         program.save(str(path))
+        # the exporter records each node's Python stack trace (this file's path and line numbers): drop it,
+        # so that the fixtures do not change when this script is edited or run from elsewhere
+        import onnx
+
+        model = onnx.load(str(path))
+        for node in model.graph.node:
+            del node.metadata_props[:]
+        onnx.save(model, str(path))
     else:
         torch.onnx.export(
             net,
@@ -232,6 +242,7 @@ def quantize_flavour(float_path: Path, out_path: Path, flavour: str, calibration
     name = model.graph.input[0].name
     options: dict[str, object] = {"QDQKeepRemovableActivations": True}
     per_channel, weight_type, quant_format = False, QuantType.QInt8, QuantFormat.QDQ
+    exclude: list[str] = []
     if flavour == "qdq_s8_channel":
         per_channel = True
     elif flavour == "qdq_s8_asym":
@@ -244,6 +255,10 @@ def quantize_flavour(float_path: Path, out_path: Path, flavour: str, calibration
         options = {}
     elif flavour == "qdq_float_out":
         options["OpTypesToExcludeOutputQuantization"] = ["Gemm", "MatMul", "Add", "Conv"]
+    elif flavour == "qdq_head_excluded":
+        from onnxrepair.graph import find_dense_layers
+
+        exclude = [find_dense_layers(model)[-1].name]
     elif flavour == "qop_s8":
         quant_format, options = QuantFormat.QOperator, {}
     elif flavour != "qdq_s8_tensor":
@@ -256,6 +271,7 @@ def quantize_flavour(float_path: Path, out_path: Path, flavour: str, calibration
         per_channel=per_channel,
         activation_type=QuantType.QUInt8,
         weight_type=weight_type,
+        nodes_to_exclude=exclude,
         extra_options=options,
     )
 

@@ -34,6 +34,7 @@ FLAVOURS = (
     "qdq_s4_channel",
     "qdq_relu_removed",
     "qdq_float_out",
+    "qdq_head_excluded",
     "qop_s8",
     "dynamic_s8",
 )
@@ -78,7 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fixtures", type=Path, default=ROOT / "tests" / "fixtures")
     args = ap.parse_args(argv)
     folder: Path = args.fixtures
-    print(f"`onnxrepair fix FLOAT QUANT DATA {' '.join(extra)}` on {folder}; validation split:")
+    shown = folder.resolve().relative_to(ROOT) if folder.resolve().is_relative_to(ROOT) else folder
+    command = " ".join(["onnxrepair fix FLOAT QUANT DATA", *extra])
+    print(f"`{command}` on the fixtures in {shown}; figures on the validation split:")
     print()
     print(
         "| exporter | flavour | fix | layer | values changed | float acc | quant acc | repaired acc "
