@@ -267,6 +267,17 @@ def rejected_layers(model: onnx.ModelProto) -> list[RejectedLayer]:
     return [layer for layer in found if isinstance(layer, RejectedLayer)]
 
 
+def _quantizer_bases(name: str) -> tuple[str, ...]:
+    """The float node names ONNX Runtime derives an integer node's name from.
+
+    QOperator: '/fc1/Gemm' -> '/fc1/Gemm_quant'; dynamic: '/fc1/Gemm' -> '/fc1/Gemm_MatMul_quant'.
+    """
+    if not name.endswith("_quant"):
+        return ()
+    base = name.removesuffix("_quant")
+    return (base, base.removesuffix("_MatMul")) if base.endswith("_MatMul") else (base,)
+
+
 def _rejections_text(rejected: list[RejectedLayer], limit: int = 4) -> str:
     shown = "; ".join(r.describe() for r in rejected[:limit])
     more = f"; and {len(rejected) - limit} more" if len(rejected) > limit else ""
@@ -302,7 +313,9 @@ def pair_layer(float_model: onnx.ModelProto, quant_model: onnx.ModelProto, name:
             raise ModelPairingError(f"FLOAT has no dense layer named '{name}'; its dense layers are {names}")
         position = names.index(name)
     float_layer = float_layers[position]
-    by_name = [q for q in quant_layers if q.name == float_layer.name]
+    by_name = [q for q in quant_layers if q.name == float_layer.name] or [
+        q for q in quant_layers if float_layer.name in _quantizer_bases(q.name)
+    ]
     if by_name:
         quant_layer, paired_by = by_name[0], "name"
     elif len(quant_layers) == len(float_layers):

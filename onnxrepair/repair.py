@@ -339,5 +339,8 @@ def list_layers(float_model: onnx.ModelProto, quant_model: onnx.ModelProto) -> l
         except OnnxRepairError as exc:  # shown to the user as the reason the layer is not repairable
             rows.append(LayerRow(layer, None, "", str(exc)))
         else:
-            rows.append(LayerRow(layer, pair, describe_parameter(quant_model, pair.quant_layer.weight), ""))
+            weights = describe_parameter(quant_model, pair.quant_layer.weight)
+            if pair.quant_layer.op != layer.op:  # an integer operator: say which (QGemm, MatMulInteger+Add...)
+                weights = f"{weights}, {pair.quant_layer.op}"
+            rows.append(LayerRow(layer, pair, weights, ""))
     return rows

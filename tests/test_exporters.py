@@ -39,6 +39,7 @@ from onnxrepair.graph import (
     rejected_layers,
 )
 from onnxrepair.methods import read_layer_activity
+from onnxrepair.repair import list_layers
 
 FIXTURES = Path(__file__).parent / "fixtures"
 EXPORTERS = ("torchscript", "dynamo", "dynamo_matmul", "skl2onnx", "skl2onnx_zipmap", "gemm_variants", "convhead")
@@ -144,6 +145,8 @@ def test_integer_operator_layers_pair_with_the_float_ones(flavour: str, exporter
     for float_layer in find_dense_layers(float_model):
         pair = pair_layer(float_model, quant_model, float_layer.name)
         assert pair.quant_layer.op == QUANT_OPS[flavour][exporter]
+        assert pair.paired_by == "name"  # '/fc1/Gemm' -> '/fc1/Gemm_quant' or '/fc1/Gemm_MatMul_quant'
+        assert pair.quant_layer.name.startswith(float_layer.name + "_")
         assert pair.quant_layer.quantized
         # the dequantized weights are the float ones to within half a step
         wf, _ = dense_parameters(float_model, float_layer)
@@ -363,3 +366,9 @@ def test_list_layers_names_every_repairable_layer(
             assert "no:" in line.split() and "ConvInteger" in out
         else:
             assert "yes" in line.split()
+    rows = list_layers(*load(exporter, flavour))
+    assert [row.pair.paired_by for row in rows if row.pair is not None] == ["name"] * sum(
+        row.pair is not None for row in rows
+    )
+    if flavour != "qdq_s8_tensor" and (exporter, flavour) not in UNSUPPORTED:
+        assert all(row.weights.endswith(("QGemm", "QLinearConv1x1", "MatMulInteger", "Add")) for row in rows)
