@@ -323,7 +323,7 @@ def pair_layer(float_model: onnx.ModelProto, quant_model: onnx.ModelProto, name:
     else:
         rejected = rejected_layers(quant_model)
         # ONNX Runtime names the integer node after the float one: '/fc2/Gemm' -> '/fc2/Gemm_quant'
-        twins = [r for r in rejected if r.name.startswith(float_layer.name) and r.name != float_layer.name]
+        twins = [r for r in rejected if float_layer.name in (r.name, *_quantizer_bases(r.name))]
         if twins:
             twin = twins[0]
             raise UnsupportedModelError(
@@ -663,9 +663,20 @@ class _GraphIndex:
     def _matmul_integer(self, node: onnx.NodeProto) -> DenseLayer:
         """DynamicQuantizeLinear(x) -> MatMulInteger(x_q, W_q, x_zp, W_zp) -> Cast -> Mul(x_scale * W_scale) -> Add?"""
         n_in, n_out = self.integer_shape(node.input[1], "B")
+        return self._dynamic(node, "MatMulInteger", n_in, n_out, transposed=True, channel_axis=1)
+
+    def _conv_integer(self, node: onnx.NodeProto) -> DenseLayer:
+        """DynamicQuantizeLinear(x) -> ConvInteger(x_q, W_q, x_zp, W_zp) -> Cast -> Mul -> Add(Reshape(b))?, 1x1."""
+        n_out, n_in = self._check_conv_1x1(node, self.integer_shape(node.input[1], "w"))
+        return self._dynamic(node, "ConvInteger1x1", n_in, n_out, transposed=False, channel_axis=0)
+
+    def _dynamic(
+        self, node: onnx.NodeProto, op: str, n_in: int, n_out: int, transposed: bool, channel_axis: int
+    ) -> DenseLayer:
+        """The dynamic-quantization pattern around MatMulInteger / ConvInteger (ONNX Runtime's quantize_dynamic)."""
         source = self.producer.get(node.input[0])
         if source is None or source.op_type != "DynamicQuantizeLinear":
-            raise _Reject("its input A does not come from DynamicQuantizeLinear, so its scale is unknown")
+            raise _Reject("its input does not come from DynamicQuantizeLinear, so its scale is unknown")
         x_encoding = IntegerTensor(source.output[0], source.output[1], source.output[2])
         cast = self._only_user(node.output[0], "Cast")
         mul = self._only_user(cast.output[0], "Mul")
@@ -678,23 +689,17 @@ class _GraphIndex:
             raise _Reject("its output is not scaled by Mul(x_scale, W_scale) with W_scale an initializer")
         zero = node.input[3] if _has(node, 3) else None
         if zero is not None and zero not in self.inits:
-            raise _Reject(f"the zero point '{zero}' of B is not an initializer")
-        axis = 1 if int(np.prod(self.inits[w_scale].dims)) > 1 else 0
+            raise _Reject(f"the zero point '{zero}' of its weights is not an initializer")
+        axis = channel_axis if int(np.prod(self.inits[w_scale].dims)) > 1 else 0
         weight = QuantizedTensor(node.input[1], w_scale, zero, axis, node.name)
         add, side = self._next_add(mul.output[0])
         bias = self.parameter(add.input[1 - side]) if add is not None else None
         if add is None or bias is None or int(np.prod(self.shape(bias))) not in (1, n_out):
             return DenseLayer(
-                node.name, "MatMulInteger", node.input[0], mul.output[0], weight, True, None, n_in, n_out, x_encoding
+                node.name, op, node.input[0], mul.output[0], weight, transposed, None, n_in, n_out, x_encoding
             )
         return DenseLayer(
-            node.name, "MatMulInteger+Add", node.input[0], add.output[0], weight, True, bias, n_in, n_out, x_encoding
-        )
-
-    def _conv_integer(self, node: onnx.NodeProto) -> DenseLayer:
-        raise _Reject(
-            "a dynamically quantized Conv is not supported; quantize statically "
-            "(onnxrepair quantize, or quantize_static with QuantFormat.QDQ or QOperator)"
+            node.name, f"{op}+Add", node.input[0], add.output[0], weight, transposed, bias, n_in, n_out, x_encoding
         )
 
     def _only_user(self, tensor: str, op: str) -> onnx.NodeProto:
@@ -758,6 +763,9 @@ class _GraphIndex:
         if tensor in self.inits:
             return FloatTensor(tensor) if _is_float(self.inits[tensor]) else None
         node = self.producer.get(tensor)
+        if node is not None and node.op_type == "Reshape" and node.input[0] in self.inits:
+            # a bias reshaped to [1, out, 1, 1] for a Conv's Add (quantize_dynamic): the values are the initializer's
+            return FloatTensor(node.input[0]) if _is_float(self.inits[node.input[0]]) else None
         if node is None or node.op_type not in DEQUANTIZE_OPS or node.input[0] not in self.inits:
             return None
         attrs = _attributes(node)

@@ -55,7 +55,7 @@ FLAVOURS = (
     "qop_s8",
     "dynamic_s8",
 )
-UNSUPPORTED = {("convhead", "dynamic_s8")}  # ConvInteger: refused with a reason (test below)
+UNSUPPORTED: set[tuple[str, str]] = set()  # every fixture is repairable (test_unsupported.py has the others)
 # qdq_head_excluded leaves the last layer float (nodes_to_exclude): the default layer has nothing to repair
 CASES = [(e, f) for e in EXPORTERS for f in FLAVOURS if (e, f) not in UNSUPPORTED and f != "qdq_head_excluded"]
 
@@ -135,7 +135,11 @@ def test_convhead_3x3_convs_are_rejected_with_their_kernel() -> None:
 
 QUANT_OPS = {
     "qop_s8": {"torchscript": "QGemm", "skl2onnx": "QLinearMatMul+QLinearAdd", "convhead": "QLinearConv1x1"},
-    "dynamic_s8": {"torchscript": "MatMulInteger+Add", "skl2onnx": "MatMulInteger+Add"},
+    "dynamic_s8": {
+        "torchscript": "MatMulInteger+Add",
+        "skl2onnx": "MatMulInteger+Add",
+        "convhead": "ConvInteger1x1+Add",
+    },
 }
 
 
@@ -189,6 +193,7 @@ def test_qdq_weight_encodings(exporter: str, flavour: str, dtype: int, axis: int
         ("skl2onnx", "qop_s8"),
         ("convhead", "qop_s8"),
         ("convhead", "qdq_s8_channel"),
+        ("convhead", "dynamic_s8"),
         ("torchscript", "dynamic_s8"),
         ("dynamo_matmul", "dynamic_s8"),
     ],
@@ -313,7 +318,13 @@ def test_layer_left_float_by_the_quantizer(exporter: str, tmp_path: Path, capsys
 
 @pytest.mark.parametrize(
     ("exporter", "flavour"),
-    [("torchscript", "qop_s8"), ("skl2onnx", "qop_s8"), ("convhead", "qop_s8"), ("skl2onnx", "dynamic_s8")],
+    [
+        ("torchscript", "qop_s8"),
+        ("skl2onnx", "qop_s8"),
+        ("convhead", "qop_s8"),
+        ("skl2onnx", "dynamic_s8"),
+        ("convhead", "dynamic_s8"),
+    ],
 )
 def test_fix_of_integer_operator_layer_edits_its_integers_in_place(
     exporter: str, flavour: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
@@ -333,11 +344,14 @@ def test_fix_of_integer_operator_layer_edits_its_integers_in_place(
         assert name is not None and before[name] == after[name]
 
 
-@pytest.mark.parametrize(("exporter", "flavour"), [("torchscript", "dynamic_s8"), ("torchscript", "qop_s8")])
+@pytest.mark.parametrize(
+    ("exporter", "flavour"), [("torchscript", "dynamic_s8"), ("torchscript", "qop_s8"), ("convhead", "dynamic_s8")]
+)
 def test_bias_correction_keeps_the_bias_encoding(
     exporter: str, flavour: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """Dynamic: a float32 bias stays float32 (it was once written back as float64); QOperator: int32 stays int32."""
+    """Dynamic: a float32 bias stays float32 (it was once written back as float64), a Conv's keeps its [out]
+    shape behind its Reshape; QOperator: int32 stays int32."""
     run = fix(exporter, flavour, tmp_path, capsys, "--encoding", "bias-correction")
     assert run.code == 0, run.err
     assert run.repaired is not None

@@ -77,13 +77,19 @@ def fix_exit(
     return code, " ".join(captured.err.split()), captured.out
 
 
-def test_dynamically_quantized_conv_head_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code, err, out = fix_exit(tmp_path, capsys, FIXTURES / "convhead.float.onnx", FIXTURES / "convhead.dynamic_s8.onnx")
+def test_quant_layer_with_weights_behind_a_node_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """QGemm whose weights come through an Identity: not a constant initializer, so nothing to rewrite."""
+    quant = onnx.load(str(FIXTURES / "torchscript.qop_s8.onnx"))
+    qgemm = next(n for n in quant.graph.node if n.name == "/fc2/Gemm_quant")
+    qgemm.input[3] = "fc2_weight_through_identity"
+    quant.graph.node.insert(0, helper.make_node("Identity", ["fc2.weight_quantized"], [qgemm.input[3]], name="id"))
+    onnx.save(quant, str(tmp_path / "q.onnx"))
+    code, err, out = fix_exit(tmp_path, capsys, FIXTURES / "torchscript.float.onnx", tmp_path / "q.onnx")
     assert code == 2
     assert "Traceback" not in err + out
     assert err.startswith("error:") and err.count("error:") == 1
-    assert "ConvInteger '/5/Conv_quant'" in err and "'/5/Conv'" in err
-    assert "dynamically quantized Conv is not supported" in err
+    assert "QGemm '/fc2/Gemm_quant' (the quantized '/fc2/Gemm') cannot be repaired" in err
+    assert "'fc2_weight_through_identity' is not a constant initializer" in err
     assert not (tmp_path / "r.onnx").exists()
 
 
