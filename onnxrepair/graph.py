@@ -573,7 +573,7 @@ class _GraphIndex:
         weight = self.constant(node.input[1], "B")
         n_in, n_out = self.shape(weight)
         add, matmul_side = self._next_add(node.output[0])
-        bias = self.parameter(add.input[1 - matmul_side]) if add is not None else None
+        bias = self.parameter(add.input[1 - matmul_side], bias=True) if add is not None else None
         if add is None or bias is None or int(np.prod(self.shape(bias))) not in (1, n_out):
             return DenseLayer(node.name, "MatMul", node.input[0], node.output[0], weight, True, None, n_in, n_out)
         return DenseLayer(node.name, "MatMul+Add", node.input[0], add.output[0], weight, True, bias, n_in, n_out)
@@ -693,7 +693,7 @@ class _GraphIndex:
         axis = channel_axis if int(np.prod(self.inits[w_scale].dims)) > 1 else 0
         weight = QuantizedTensor(node.input[1], w_scale, zero, axis, node.name)
         add, side = self._next_add(mul.output[0])
-        bias = self.parameter(add.input[1 - side]) if add is not None else None
+        bias = self.parameter(add.input[1 - side], bias=True) if add is not None else None
         if add is None or bias is None or int(np.prod(self.shape(bias))) not in (1, n_out):
             return DenseLayer(
                 node.name, op, node.input[0], mul.output[0], weight, transposed, None, n_in, n_out, x_encoding
@@ -758,12 +758,16 @@ class _GraphIndex:
             raise _Reject(f"its input {role} '{tensor}' has shape {list(self.shape(param))}, not a matrix")
         return param
 
-    def parameter(self, tensor: str) -> Parameter | None:
-        """How `tensor` is stored, when it is a constant parameter."""
+    def parameter(self, tensor: str, bias: bool = False) -> Parameter | None:
+        """How `tensor` is stored, when it is a constant parameter.
+
+        `bias`: also look through a Reshape of a float initializer (callers check that its size is n_out;
+        a reshaped weight matrix would be read in the wrong layout, so weights never do).
+        """
         if tensor in self.inits:
             return FloatTensor(tensor) if _is_float(self.inits[tensor]) else None
         node = self.producer.get(tensor)
-        if node is not None and node.op_type == "Reshape" and node.input[0] in self.inits:
+        if bias and node is not None and node.op_type == "Reshape" and node.input[0] in self.inits:
             # a bias reshaped to [1, out, 1, 1] for a Conv's Add (quantize_dynamic): the values are the initializer's
             return FloatTensor(node.input[0]) if _is_float(self.inits[node.input[0]]) else None
         if node is None or node.op_type not in DEQUANTIZE_OPS or node.input[0] not in self.inits:
