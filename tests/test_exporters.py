@@ -53,7 +53,9 @@ FLAVOURS = (
     "qdq_float_out",
     "qdq_head_excluded",
     "qop_s8",
+    "qop_s8_channel",
     "dynamic_s8",
+    "dynamic_u8_channel",
 )
 UNSUPPORTED: set[tuple[str, str]] = set()  # every fixture is repairable (test_unsupported.py has the others)
 # qdq_head_excluded leaves the last layer float (nodes_to_exclude): the default layer has nothing to repair
@@ -168,15 +170,22 @@ def test_integer_operator_layers_pair_with_the_float_ones(flavour: str, exporter
         ("torchscript", "qdq_u8_channel", onnx.TensorProto.UINT8, 0, True),
         ("torchscript", "qdq_s8_asym", onnx.TensorProto.INT8, 0, True),
         ("dynamo_matmul", "qdq_s4_channel", onnx.TensorProto.INT4, 1, False),
+        ("torchscript", "qop_s8_channel", onnx.TensorProto.INT8, 0, False),  # QGemm transB=1
+        ("skl2onnx", "qop_s8_channel", onnx.TensorProto.INT8, 1, False),  # QLinearMatMul: per column
+        ("convhead", "qop_s8_channel", onnx.TensorProto.INT8, 0, False),  # QLinearConv
+        ("torchscript", "dynamic_u8_channel", onnx.TensorProto.UINT8, 1, True),  # MatMulInteger, W [in, out]
+        ("convhead", "dynamic_u8_channel", onnx.TensorProto.UINT8, None, True),  # ConvInteger: ORT gives one scale
     ],
 )
-def test_qdq_weight_encodings(exporter: str, flavour: str, dtype: int, axis: int, nonzero_zero_point: bool) -> None:
+def test_weight_encodings(exporter: str, flavour: str, dtype: int, axis: int | None, nonzero_zero_point: bool) -> None:
     float_model, quant_model = load(exporter, flavour)
     layer = pair_layer(float_model, quant_model, None).quant_layer
     assert isinstance(layer.weight, QuantizedTensor)
     inits = initializers(quant_model)
     assert inits[layer.weight.quantized].data_type == dtype
-    if int(np.prod(inits[layer.weight.scale].dims)) > 1:
+    per_channel = "channel" in flavour and axis is not None
+    assert int(np.prod(inits[layer.weight.scale].dims)) == (layer.n_out if per_channel else 1)
+    if per_channel:
         assert layer.weight.axis == axis
     assert layer.weight.zero_point is not None
     zero = numpy_helper.to_array(inits[layer.weight.zero_point])

@@ -32,7 +32,9 @@ Quantized flavours (ONNX Runtime, calibrated on the first 64 images of digits.np
     qdq_float_out     QDQ, int8 per tensor, layer outputs left float (OpTypesToExcludeOutputQuantization)
     qdq_head_excluded QDQ, int8 per tensor, the last dense layer left float (nodes_to_exclude)
     qop_s8            QOperator format (QLinearMatMul / QGemm / QLinearConv), int8 per tensor
-    dynamic_s8        quantize_dynamic: DynamicQuantizeLinear + MatMulInteger (Gemm/Conv stay float)
+    qop_s8_channel    QOperator, int8 per channel
+    dynamic_s8        quantize_dynamic: DynamicQuantizeLinear + MatMulInteger / ConvInteger, int8 per tensor
+    dynamic_u8_channel  quantize_dynamic, uint8 weights per channel (non-zero zero points)
 
 ``digits.npz`` holds ``x`` [N,1,8,8] and ``y``: the 597 digits the MLP did not
 train on. ``digits_flat.npz`` is the same as [N,64] for the skl2onnx models.
@@ -65,7 +67,9 @@ FLAVOURS = (
     "qdq_float_out",
     "qdq_head_excluded",
     "qop_s8",
+    "qop_s8_channel",
     "dynamic_s8",
+    "dynamic_u8_channel",
 )
 
 
@@ -238,6 +242,9 @@ def quantize_flavour(float_path: Path, out_path: Path, flavour: str, calibration
     if flavour == "dynamic_s8":
         quantize_dynamic(str(float_path), str(out_path), weight_type=QuantType.QInt8)
         return
+    if flavour == "dynamic_u8_channel":
+        quantize_dynamic(str(float_path), str(out_path), weight_type=QuantType.QUInt8, per_channel=True)
+        return
     model = onnx.load(str(float_path))
     name = model.graph.input[0].name
     options: dict[str, object] = {"QDQKeepRemovableActivations": True}
@@ -261,6 +268,8 @@ def quantize_flavour(float_path: Path, out_path: Path, flavour: str, calibration
         exclude = [find_dense_layers(model)[-1].name]
     elif flavour == "qop_s8":
         quant_format, options = QuantFormat.QOperator, {}
+    elif flavour == "qop_s8_channel":
+        quant_format, options, per_channel = QuantFormat.QOperator, {}, True
     elif flavour != "qdq_s8_tensor":
         raise ValueError(flavour)
     quantize_static(

@@ -36,7 +36,9 @@ FLAVOURS = (
     "qdq_float_out",
     "qdq_head_excluded",
     "qop_s8",
+    "qop_s8_channel",
     "dynamic_s8",
+    "dynamic_u8_channel",
 )
 
 
