@@ -4,6 +4,7 @@
 Run from the repository root (no torch needed; the fixtures are committed)::
 
     python tools/exporter_matrix.py                      # tests/fixtures, default fix options
+    python tools/exporter_matrix.py --compact            # flavours x exporters, agreement only
     python tools/exporter_matrix.py --fixtures DIR -- --neurons 5 --encoding soft
 
 Each run is ``onnxrepair fix FLOAT QUANT digits[_flat].npz --report R.json``
@@ -79,36 +80,55 @@ def main(argv: list[str] | None = None) -> int:
     argv = argv[: argv.index("--")] if "--" in argv else argv
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--fixtures", type=Path, default=ROOT / "tests" / "fixtures")
+    ap.add_argument(
+        "--compact",
+        action="store_true",
+        help="one row per flavour, one column per exporter; cells: quant -> repaired agreement (%%)",
+    )
     args = ap.parse_args(argv)
     folder: Path = args.fixtures
     shown = folder.resolve().relative_to(ROOT) if folder.resolve().is_relative_to(ROOT) else folder
     command = " ".join(["onnxrepair fix FLOAT QUANT DATA", *extra])
     print(f"`{command}` on the fixtures in {shown}; figures on the validation split:")
     print()
-    print(
-        "| exporter | flavour | fix | layer | values changed | float acc | quant acc | repaired acc "
-        "| quant agree | repaired agree |"
-    )
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for float_path in sorted(folder.glob("*.float.onnx")):
-        exporter = float_path.name.removesuffix(".float.onnx")
+    exporters = [p.name.removesuffix(".float.onnx") for p in sorted(folder.glob("*.float.onnx"))]
+    cells: dict[tuple[str, str], str] = {}
+    if not args.compact:
+        print(
+            "| exporter | flavour | fix | layer | values changed | float acc | quant acc | repaired acc "
+            "| quant agree | repaired agree |"
+        )
+        print("|---|---|---|---|---|---|---|---|---|---|")
+    for exporter in exporters:
+        float_path = folder / f"{exporter}.float.onnx"
         data = folder / ("digits_flat.npz" if exporter.startswith("skl2onnx") else "digits.npz")
         for flavour in FLAVOURS:
             quant_path = folder / f"{exporter}.{flavour}.onnx"
             if not quant_path.exists():
-                print(f"| {exporter} | {flavour} | no fixture | | | | | | | |")
+                cells[exporter, flavour] = "no fixture"
+                if not args.compact:
+                    print(f"| {exporter} | {flavour} | no fixture | | | | | | | |")
                 continue
             code, report, changed, err = run_fix(float_path, quant_path, data, extra)
             if report is None:
                 note = " ".join(err.split()).removeprefix("error: ").replace("|", "/")
-                print(f"| {exporter} | {flavour} | exit {code}: {note} | | | | | | | |")
+                cells[exporter, flavour] = f"exit {code}"
+                if not args.compact:
+                    print(f"| {exporter} | {flavour} | exit {code}: {note} | | | | | | | |")
                 continue
             r = report
-            print(
-                f"| {exporter} | {flavour} | exit {code} | {r['layer']} | {changed} | {pct(r['float_accuracy'])} "
-                f"| {pct(r['quant_accuracy'])} | {pct(r['repaired_accuracy'])} | {pct(r['quant_agreement'])} "
-                f"| {pct(r['repaired_agreement'])} |"
-            )
+            cells[exporter, flavour] = f"{pct(r['quant_agreement'])} → {pct(r['repaired_agreement'])}"
+            if not args.compact:
+                print(
+                    f"| {exporter} | {flavour} | exit {code} | {r['layer']} | {changed} "
+                    f"| {pct(r['float_accuracy'])} | {pct(r['quant_accuracy'])} | {pct(r['repaired_accuracy'])} "
+                    f"| {pct(r['quant_agreement'])} | {pct(r['repaired_agreement'])} |"
+                )
+    if args.compact:
+        print("| flavour | " + " | ".join(exporters) + " |")
+        print("|---" * (len(exporters) + 1) + "|")
+        for flavour in FLAVOURS:
+            print(f"| {flavour} | " + " | ".join(cells[e, flavour] for e in exporters) + " |")
     return 0
 
 
