@@ -55,8 +55,11 @@ def make_session(model: onnx.ModelProto, role: str, providers: Sequence[str] | N
     Raises:
         UnsupportedModelError: ONNX Runtime refuses the model.
     """
-    scores = output_name(model)
-    if scores not in {o.name for o in model.graph.output}:  # a ZipMap's input: tapped as an output
+    try:
+        scores: str | None = output_name(model)
+    except UnsupportedModelError:
+        scores = None  # reported where the scores are asked for
+    if scores is not None and scores not in {o.name for o in model.graph.output}:  # a ZipMap's input
         model = with_outputs(model, [scores])
     options = ort.SessionOptions()
     options.log_severity_level = 3  # errors only; ORT's warnings are not the user's business here
