@@ -1,19 +1,13 @@
-"""ONNX graph reading and surgery: find dense layers, pair float and QDQ layers, tap tensors.
+"""ONNX graph surgery: load and check models, pair float and quantized layers, read parameters, tap tensors.
 
-A dense layer is ``y = x @ W^T + b`` with x of shape [N, in] and y of shape
-[N, out], written as one of:
-
-    Gemm(x, W, b)                      (transB=1: W stored [out, in]; transB=0: [in, out])
-    Add(MatMul(x, W), b)               (W stored [in, out]; skl2onnx, dynamo exports)
-
-In the float model W and b are float initializers. In an ONNX Runtime QDQ model
-each is ``DequantizeLinear(q, scale, zero_point)`` over an integer initializer,
-and the MatMul output passes through a QuantizeLinear/DequantizeLinear pair
-before the Add:
-
-    x_q -> DQ --\\
-    W_q -> DQ ---> Gemm -> [Q -> DQ] -> ...        MatMul -> Q -> DQ -> Add <- DQ <- b_q
-    b_q -> DQ --/
+What a dense layer is, in each exporter's and quantizer's form, is layers.py;
+this module pairs a FLOAT layer with its QUANT twin (by node name, by ONNX
+Runtime's derived names '<name>_quant', or by position), reads parameters as
+arrays (dequantized; a 1x1 Conv's [out, in, 1, 1] as [out, in]), gives their
+integer grid, and makes tapped copies that output a layer's x and
+pre-activation: for integer-operator layers (QOperator, dynamic) `tap_layer`
+adds DequantizeLinear nodes to the copy so that both are read as the real
+numbers Q computes with.
 
 This module knows ONNX and nothing of solvers; it returns plain arrays.
 """
@@ -34,70 +28,56 @@ from numpy.typing import NDArray
 from onnx import numpy_helper
 
 from onnxrepair.errors import ModelLoadError, ModelPairingError, UnsupportedModelError
+from onnxrepair.layers import (
+    DEQUANTIZE_OPS,
+    LAYER_OPS,
+    QUANTIZE_OPS,
+    QUANTIZED_OPS,
+    DenseLayer,
+    FloatTensor,
+    IntegerTensor,
+    Parameter,
+    QuantizedTensor,
+    RejectedLayer,
+    find_dense_layers,
+    initializers,
+    rejected_layers,
+)
+
+__all__ = [
+    "DEQUANTIZE_OPS",
+    "LAYER_OPS",
+    "QUANTIZED_OPS",
+    "QUANTIZE_OPS",
+    "DenseLayer",
+    "FloatTensor",
+    "InputSpec",
+    "IntegerTensor",
+    "LayerGrid",
+    "LayerPair",
+    "Parameter",
+    "QuantizedTensor",
+    "RejectedLayer",
+    "as_matrix",
+    "channel_view",
+    "check_models_match",
+    "clips_negatives",
+    "dense_parameters",
+    "describe_parameter",
+    "find_dense_layers",
+    "initializers",
+    "input_spec",
+    "layer_grid",
+    "load_model",
+    "pair_layer",
+    "parameter_scale",
+    "parameter_value",
+    "rejected_layers",
+    "tap_layer",
+    "with_outputs",
+]
 
 logger = logging.getLogger(__name__)
-
-DEQUANTIZE_OPS = frozenset({"DequantizeLinear"})
-QUANTIZE_OPS = frozenset({"QuantizeLinear"})
-
-
-@dataclass(frozen=True)
-class FloatTensor:
-    """A parameter stored as a plain float initializer."""
-
-    initializer: str
-
-
-@dataclass(frozen=True)
-class QuantizedTensor:
-    """A parameter stored as ``DequantizeLinear(quantized, scale, zero_point)``.
-
-    Attributes:
-        quantized: name of the integer initializer.
-        scale: name of the scale initializer (scalar or one per channel).
-        zero_point: name of the zero-point initializer, or None (zero).
-        axis: the channel axis of per-channel scales, normalised to be >= 0.
-        dequantize_node: name of the DequantizeLinear node.
-    """
-
-    quantized: str
-    scale: str
-    zero_point: str | None
-    axis: int
-    dequantize_node: str
-
-
-Parameter = FloatTensor | QuantizedTensor
-
-
-@dataclass(frozen=True)
-class DenseLayer:
-    """One repairable dense layer of a model.
-
-    Attributes:
-        name: the node name of the Gemm or MatMul (what ``--layer`` takes).
-        op: "Gemm" or "MatMul+Add".
-        input_tensor: the layer input x, [N, in].
-        output_tensor: the pre-activation output y, [N, out].
-        weight: where W is stored.
-        weight_transposed: True when W is stored [in, out] rather than [out, in].
-        bias: where b is stored, or None for a layer without bias.
-        n_in, n_out: the layer's fan-in and number of neurons.
-    """
-
-    name: str
-    op: str
-    input_tensor: str
-    output_tensor: str
-    weight: Parameter
-    weight_transposed: bool
-    bias: Parameter | None
-    n_in: int
-    n_out: int
-
-    @property
-    def quantized(self) -> bool:
-        return isinstance(self.weight, QuantizedTensor)
 
 
 @dataclass(frozen=True)
@@ -202,22 +182,29 @@ def check_models_match(float_model: onnx.ModelProto, quant_model: onnx.ModelProt
     f_out, q_out = len(float_model.graph.output), len(quant_model.graph.output)
     if f_out != q_out:
         raise ModelPairingError(f"FLOAT has {f_out} output(s) but QUANT has {q_out}")
-    if not any(n.op_type in DEQUANTIZE_OPS for n in quant_model.graph.node):
+    if not any(n.op_type in QUANTIZED_OPS for n in quant_model.graph.node):
         raise ModelPairingError(
-            "QUANT has no DequantizeLinear node, so it is not a QDQ model; pass the model "
-            "written by onnxruntime.quantization.quantize_static (QuantFormat.QDQ)"
+            "QUANT has no quantized node (DequantizeLinear, QGemm, QLinearMatMul, QLinearConv, MatMulInteger): "
+            "it is not a QDQ model, nor a QOperator or dynamically quantized one; pass the model written by "
+            "onnxruntime.quantization (quantize_static or quantize_dynamic)"
         )
 
 
-def find_dense_layers(model: onnx.ModelProto) -> list[DenseLayer]:
-    """All repairable dense layers, in graph order."""
-    index = _GraphIndex(model)
-    layers = []
-    for node in model.graph.node:
-        layer = index.dense_layer(node)
-        if layer is not None:
-            layers.append(layer)
-    return layers
+def _quantizer_bases(name: str) -> tuple[str, ...]:
+    """The float node names ONNX Runtime derives an integer node's name from.
+
+    QOperator: '/fc1/Gemm' -> '/fc1/Gemm_quant'; dynamic: '/fc1/Gemm' -> '/fc1/Gemm_MatMul_quant'.
+    """
+    if not name.endswith("_quant"):
+        return ()
+    base = name.removesuffix("_quant")
+    return (base, base.removesuffix("_MatMul")) if base.endswith("_MatMul") else (base,)
+
+
+def _rejections_text(rejected: list[RejectedLayer], limit: int = 4) -> str:
+    shown = "; ".join(r.describe() for r in rejected[:limit])
+    more = f"; and {len(rejected) - limit} more" if len(rejected) > limit else ""
+    return shown + more
 
 
 def pair_layer(float_model: onnx.ModelProto, quant_model: onnx.ModelProto, name: str | None) -> LayerPair:
@@ -233,24 +220,44 @@ def pair_layer(float_model: onnx.ModelProto, quant_model: onnx.ModelProto, name:
     float_layers = find_dense_layers(float_model)
     quant_layers = find_dense_layers(quant_model)
     if not float_layers:
-        raise UnsupportedModelError("FLOAT has no dense layer (Gemm, or MatMul followed by Add, with constant weights)")
+        rejected = rejected_layers(float_model)
+        why = f"; not repairable: {_rejections_text(rejected)}" if rejected else ""
+        raise UnsupportedModelError(
+            "FLOAT has no dense layer (Gemm, MatMul [+ Add], or a 1x1 Conv over a 1x1 map, with constant weights)" + why
+        )
     if name is None:
         position = len(float_layers) - 1
     else:
         names = [layer.name for layer in float_layers]
         if name not in names:
+            rejected = [r for r in rejected_layers(float_model) if r.name == name]
+            if rejected:
+                raise UnsupportedModelError(f"FLOAT layer {rejected[0].describe()}; the dense layers are {names}")
             raise ModelPairingError(f"FLOAT has no dense layer named '{name}'; its dense layers are {names}")
         position = names.index(name)
     float_layer = float_layers[position]
-    by_name = [q for q in quant_layers if q.name == float_layer.name]
+    by_name = [q for q in quant_layers if q.name == float_layer.name] or [
+        q for q in quant_layers if float_layer.name in _quantizer_bases(q.name)
+    ]
     if by_name:
         quant_layer, paired_by = by_name[0], "name"
     elif len(quant_layers) == len(float_layers):
         quant_layer, paired_by = quant_layers[position], "position"
     else:
-        raise ModelPairingError(
+        rejected = rejected_layers(quant_model)
+        # ONNX Runtime names the integer node after the float one: '/fc2/Gemm' -> '/fc2/Gemm_quant'
+        twins = [r for r in rejected if float_layer.name in (r.name, *_quantizer_bases(r.name))]
+        if twins:
+            twin = twins[0]
+            raise UnsupportedModelError(
+                f"QUANT node {twin.op} '{twin.name}' (the quantized '{float_layer.name}') cannot be repaired: "
+                f"{twin.reason}"
+            )
+        why = f"; QUANT nodes onnxrepair cannot read: {_rejections_text(rejected, 2)}" if rejected else ""
+        error = UnsupportedModelError if rejected else ModelPairingError
+        raise error(
             f"QUANT has no dense layer named '{float_layer.name}', and its {len(quant_layers)} dense "
-            f"layer(s) cannot be matched by position with FLOAT's {len(float_layers)}"
+            f"layer(s) cannot be matched by position with FLOAT's {len(float_layers)}{why}"
         )
     if (quant_layer.n_in, quant_layer.n_out) != (float_layer.n_in, float_layer.n_out):
         raise ModelPairingError(
@@ -268,7 +275,7 @@ def pair_layer(float_model: onnx.ModelProto, quant_model: onnx.ModelProto, name:
 def dense_parameters(model: onnx.ModelProto, layer: DenseLayer) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
     """The layer's effective (dequantized) W as [out, in] and b as [out]."""
     inits = initializers(model)
-    weight = parameter_value(inits, layer.weight)
+    weight = as_matrix(parameter_value(inits, layer.weight))
     w = weight.T if layer.weight_transposed else weight
     if layer.bias is None:
         b = np.zeros(layer.n_out)
@@ -301,7 +308,7 @@ class LayerGrid:
 def layer_grid(model: onnx.ModelProto, layer: DenseLayer) -> LayerGrid:
     """The integer grid of a layer's weights and bias (see LayerGrid)."""
     inits = initializers(model)
-    w_step, w_low, w_high = _parameter_grid(inits, layer.weight)
+    w_step, w_low, w_high = (as_matrix(a) for a in _parameter_grid(inits, layer.weight))
     if layer.weight_transposed:
         w_step, w_low, w_high = w_step.T, w_low.T, w_high.T
     if layer.bias is None:
@@ -320,9 +327,17 @@ def _parameter_grid(
         return np.zeros(shape), np.full(shape, -np.inf), np.full(shape, np.inf)
     q = numpy_helper.to_array(inits[param.quantized])
     info = ml_dtypes.iinfo(q.dtype)
-    scale = channel_view(numpy_helper.to_array(inits[param.scale]).astype(np.float64), q.ndim, param.axis)
+    scale = channel_view(parameter_scale(inits, param), q.ndim, param.axis)
     q64 = q.astype(np.float64)
     return np.broadcast_to(scale, q.shape).copy(), info.min - q64, info.max - q64
+
+
+def parameter_scale(inits: dict[str, onnx.TensorProto], param: QuantizedTensor) -> NDArray[np.float64]:
+    """The scale of a quantized parameter (scalar or one per channel), its scale factor included."""
+    scale = numpy_helper.to_array(inits[param.scale]).astype(np.float64)
+    if param.scale_factor is not None:
+        scale = scale * numpy_helper.to_array(inits[param.scale_factor]).astype(np.float64)
+    return scale
 
 
 def parameter_value(inits: dict[str, onnx.TensorProto], param: Parameter) -> NDArray[np.float64]:
@@ -330,11 +345,16 @@ def parameter_value(inits: dict[str, onnx.TensorProto], param: Parameter) -> NDA
     if isinstance(param, FloatTensor):
         return numpy_helper.to_array(inits[param.initializer]).astype(np.float64)
     q = numpy_helper.to_array(inits[param.quantized]).astype(np.float64)
-    scale = numpy_helper.to_array(inits[param.scale]).astype(np.float64)
+    scale = parameter_scale(inits, param)
     zero = (
         numpy_helper.to_array(inits[param.zero_point]).astype(np.float64) if param.zero_point else np.zeros_like(scale)
     )
     return (q - channel_view(zero, q.ndim, param.axis)) * channel_view(scale, q.ndim, param.axis)
+
+
+def as_matrix(values: NDArray) -> NDArray:
+    """A weight as its 2-D matrix: a 1x1 Conv's [out, in, 1, 1] becomes [out, in]; 2-D stays as it is."""
+    return values.reshape(values.shape[0], values.shape[1]) if values.ndim == 4 else values
 
 
 def describe_parameter(model: onnx.ModelProto, param: Parameter) -> str:
@@ -357,8 +377,48 @@ def channel_view(values: NDArray, ndim: int, axis: int) -> NDArray:
     return values.reshape(shape)
 
 
-def initializers(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
-    return {t.name: t for t in model.graph.initializer}
+def clips_negatives(model: onnx.ModelProto, encoding: IntegerTensor) -> bool:
+    """True when an integer activation cannot hold negative values: its zero point is its type's minimum.
+
+    ONNX Runtime's QOperator format removes a Relu that follows a layer and
+    quantizes the layer's output to [0, max] instead, so the output holds
+    max(pre-activation, 0). False when the zero point is not a constant.
+    """
+    if encoding.zero_point is None:
+        return True  # no zero point: uint8 zero, the bottom of its range
+    inits = initializers(model)
+    if encoding.zero_point not in inits:
+        return False
+    zero = numpy_helper.to_array(inits[encoding.zero_point])
+    return bool(np.all(zero == ml_dtypes.iinfo(zero.dtype).min))
+
+
+def tap_layer(model: onnx.ModelProto, layer: DenseLayer) -> tuple[onnx.ModelProto, str, str]:
+    """`model` (a copy where needed) and the float tensors holding the layer's x and pre-activation.
+
+    A layer of an integer-operator format has integer x and y; the copy gets a
+    DequantizeLinear for each (fresh tensor names), which is exactly the
+    real value Q computes with: (q - zero_point) * scale. Tap the returned
+    names with `with_outputs`; the model itself is never changed.
+    """
+    if layer.input_encoding is None and layer.output_encoding is None:
+        return model, layer.input_tensor, layer.output_tensor
+    tapped = copy.deepcopy(model)
+    taken = {name for n in tapped.graph.node for name in (*n.input, *n.output)} | set(initializers(tapped))
+    names = []
+    for tensor, encoding in ((layer.input_tensor, layer.input_encoding), (layer.output_tensor, layer.output_encoding)):
+        if encoding is None:
+            names.append(tensor)
+            continue
+        name, i = f"{tensor}_onnxrepair_real", 1
+        while name in taken:
+            i += 1
+            name = f"{tensor}_onnxrepair_real_{i}"
+        taken.add(name)
+        inputs = [encoding.tensor, encoding.scale] + ([encoding.zero_point] if encoding.zero_point else [])
+        tapped.graph.node.append(onnx.helper.make_node("DequantizeLinear", inputs, [name], name=name))
+        names.append(name)
+    return tapped, names[0], names[1]
 
 
 def with_outputs(model: onnx.ModelProto, tensors: Iterable[str]) -> onnx.ModelProto:
@@ -380,96 +440,3 @@ def with_outputs(model: onnx.ModelProto, tensors: Iterable[str]) -> onnx.ModelPr
         tapped.graph.output.append(info)
         present.add(name)
     return tapped
-
-
-class _GraphIndex:
-    """Producer/consumer lookups over one graph."""
-
-    def __init__(self, model: onnx.ModelProto) -> None:
-        self.inits = initializers(model)
-        self.producer = {out: node for node in model.graph.node for out in node.output}
-        self.consumers: dict[str, list[onnx.NodeProto]] = {}
-        for node in model.graph.node:
-            for name in node.input:
-                self.consumers.setdefault(name, []).append(node)
-        self.graph_outputs = {o.name for o in model.graph.output}
-
-    def dense_layer(self, node: onnx.NodeProto) -> DenseLayer | None:
-        if node.op_type == "Gemm" and node.domain in ("", "ai.onnx"):
-            return self._gemm(node)
-        if node.op_type == "MatMul" and node.domain in ("", "ai.onnx"):
-            return self._matmul_add(node)
-        return None
-
-    def _gemm(self, node: onnx.NodeProto) -> DenseLayer | None:
-        weight = self.parameter(node.input[1])
-        if weight is None:
-            return None
-        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-        if attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0:
-            return None  # not of the form x @ W + b; left out of the list rather than mis-repaired
-        transposed = not attrs.get("transB", 0)
-        shape = self.shape(weight)
-        if len(shape) != 2:
-            return None
-        n_out, n_in = (shape[1], shape[0]) if transposed else shape
-        bias = self.parameter(node.input[2]) if len(node.input) > 2 and node.input[2] else None
-        return DenseLayer(node.name, "Gemm", node.input[0], node.output[0], weight, transposed, bias, n_in, n_out)
-
-    def _matmul_add(self, node: onnx.NodeProto) -> DenseLayer | None:
-        weight = self.parameter(node.input[1])
-        if weight is None or len(self.shape(weight)) != 2:
-            return None
-        n_in, n_out = self.shape(weight)
-        add, matmul_side = self._next_add(node.output[0])
-        if add is None:
-            return None
-        bias = self.parameter(add.input[1 - matmul_side])
-        if bias is None or int(np.prod(self.shape(bias))) not in (1, n_out):
-            return None
-        return DenseLayer(node.name, "MatMul+Add", node.input[0], add.output[0], weight, True, bias, n_in, n_out)
-
-    def _next_add(self, tensor: str) -> tuple[onnx.NodeProto | None, int]:
-        """The Add that consumes `tensor`, looking through one Q -> DQ pair."""
-        users = self.consumers.get(tensor, [])
-        if len(users) == 1 and users[0].op_type in QUANTIZE_OPS and tensor not in self.graph_outputs:
-            dq_users = self.consumers.get(users[0].output[0], [])
-            if len(dq_users) == 1 and dq_users[0].op_type in DEQUANTIZE_OPS:
-                tensor = dq_users[0].output[0]
-                users = self.consumers.get(tensor, [])
-        if len(users) == 1 and users[0].op_type == "Add" and tensor not in self.graph_outputs:
-            return users[0], list(users[0].input).index(tensor)
-        return None, 0
-
-    def parameter(self, tensor: str) -> Parameter | None:
-        """How `tensor` is stored, when it is a constant parameter."""
-        if tensor in self.inits:
-            return FloatTensor(tensor) if _is_float(self.inits[tensor]) else None
-        node = self.producer.get(tensor)
-        if node is None or node.op_type not in DEQUANTIZE_OPS or node.input[0] not in self.inits:
-            return None
-        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-        if attrs.get("block_size", 0):
-            raise UnsupportedModelError(
-                f"node '{node.name}' uses blocked quantization (block_size={attrs['block_size']}), "
-                "which onnxrepair does not rewrite yet"
-            )
-        quantized = self.inits[node.input[0]]
-        axis = int(attrs.get("axis", 1))
-        if axis < 0:
-            axis += len(quantized.dims)
-        zero_point = node.input[2] if len(node.input) > 2 and node.input[2] else None
-        return QuantizedTensor(node.input[0], node.input[1], zero_point, axis, node.name)
-
-    def shape(self, param: Parameter) -> tuple[int, ...]:
-        name = param.initializer if isinstance(param, FloatTensor) else param.quantized
-        return tuple(self.inits[name].dims)
-
-
-def _is_float(tensor: onnx.TensorProto) -> bool:
-    return tensor.data_type in (
-        onnx.TensorProto.FLOAT,
-        onnx.TensorProto.DOUBLE,
-        onnx.TensorProto.FLOAT16,
-        onnx.TensorProto.BFLOAT16,
-    )

@@ -26,9 +26,11 @@ from onnxrepair.graph import (
     DenseLayer,
     LayerGrid,
     LayerPair,
+    clips_negatives,
     dense_parameters,
     input_spec,
     layer_grid,
+    tap_layer,
     with_outputs,
 )
 from onnxrepair.localize import rank_neurons, suspiciousness
@@ -127,18 +129,27 @@ def read_layer_activity(
     progress = progress or NoProgress()
     f_layer, q_layer = pair.float_layer, pair.quant_layer
     f_out, q_out = output_name(float_model), output_name(quant_model)
+    # integer-operator layers: x and y are read through DequantizeLinear nodes added to the tapped copy
+    f_model, _, f_pre = tap_layer(float_model, f_layer)
+    q_model, q_in, q_pre = tap_layer(quant_model, q_layer)
     with progress.task("reading spectra", 2 * len(x)) as advance:
-        f = _run_tapped(float_model, "FLOAT", [f_out, f_layer.output_tensor], x, batch_size, advance, providers)
-        quant_names = [q_out, q_layer.input_tensor, q_layer.output_tensor]
-        q = _run_tapped(quant_model, "QUANT", quant_names, x, batch_size, advance, providers)
-    _check_width(f[f_layer.output_tensor], f_layer, "FLOAT")
-    _check_width(q[q_layer.output_tensor], q_layer, "QUANT")
+        f = _run_tapped(f_model, "FLOAT", [f_out, f_pre], x, batch_size, advance, providers)
+        q = _run_tapped(q_model, "QUANT", [q_out, q_in, q_pre], x, batch_size, advance, providers)
+    _check_width(f[f_pre], f_layer, "FLOAT")
+    _check_width(q[q_pre], q_layer, "QUANT")
+    _check_width(q[q_in], q_layer, "QUANT", side="input")
+    quant_pre = q[q_pre]
+    if q_layer.output_encoding is not None and clips_negatives(quant_model, q_layer.output_encoding):
+        # A Relu fused into the integer output: y = max(pre, 0) hides how negative each neuron is (bias
+        # correction needs it). The pre-activation is Q's exact integer accumulator, x @ W^T + b in reals.
+        weights, bias = dense_parameters(quant_model, q_layer)
+        quant_pre = (q[q_in].astype(np.float64) @ weights.T + bias).astype(np.float32)
     return LayerActivity(
         float_scores=f[f_out],
         quant_scores=q[q_out],
-        float_pre=f[f_layer.output_tensor],
-        quant_pre=q[q_layer.output_tensor],
-        quant_inputs=q[q_layer.input_tensor],
+        float_pre=f[f_pre],
+        quant_pre=quant_pre,
+        quant_inputs=q[q_in],
     )
 
 
@@ -311,9 +322,11 @@ def _run_tapped(
     return values
 
 
-def _check_width(pre: NDArray, layer: DenseLayer, role: str) -> None:
-    if pre.shape[1] != layer.n_out:
+def _check_width(values: NDArray, layer: DenseLayer, role: str, side: str = "output") -> None:
+    """A layer over [batch, features] (or a 1x1 map) has n_out outputs and n_in inputs per input."""
+    expected = layer.n_out if side == "output" else layer.n_in
+    if values.shape[1] != expected:
         raise UnsupportedModelError(
-            f"{role} layer '{layer.name}' output has {pre.shape[1]} values per input, expected {layer.n_out}; "
-            "only layers over [batch, features] inputs can be repaired"
+            f"{role} layer '{layer.name}' ({layer.op}) {side} has {values.shape[1]} values per input, expected "
+            f"{expected}; only layers over [batch, features] inputs (or a 1x1 Conv over a 1x1 map) can be repaired"
         )

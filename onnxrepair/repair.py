@@ -101,6 +101,8 @@ def resolve_layers(float_model: onnx.ModelProto, names: tuple[str, ...]) -> list
         ModelPairingError: an unknown name or a bad "last:K".
     """
     available = [layer.name for layer in find_dense_layers(float_model)]
+    if not available:
+        pair_layer(float_model, float_model, None)  # raises UnsupportedModelError, naming the nodes and why
     if not names:
         return available[-1:]
     resolved: list[str] = []
@@ -338,5 +340,8 @@ def list_layers(float_model: onnx.ModelProto, quant_model: onnx.ModelProto) -> l
         except OnnxRepairError as exc:  # shown to the user as the reason the layer is not repairable
             rows.append(LayerRow(layer, None, "", str(exc)))
         else:
-            rows.append(LayerRow(layer, pair, describe_parameter(quant_model, pair.quant_layer.weight), ""))
+            weights = describe_parameter(quant_model, pair.quant_layer.weight)
+            if pair.quant_layer.op != layer.op:  # an integer operator: say which (QGemm, MatMulInteger+Add...)
+                weights = f"{weights}, {pair.quant_layer.op}"
+            rows.append(LayerRow(layer, pair, weights, ""))
     return rows

@@ -1,7 +1,9 @@
-"""Weight and bias deltas -> the QDQ model's integer initializers.
+"""Weight and bias deltas -> the quantized model's integer initializers.
 
-For a parameter stored as DequantizeLinear(q, scale, zero_point) the repaired
-integer value of each changed entry is
+For a parameter stored as DequantizeLinear(q, scale, zero_point) (QDQ), or
+read as (q, scale, zero_point) by an integer operator (QGemm, QLinearMatMul,
+QLinearConv, QLinearAdd, MatMulInteger), the repaired integer value of each
+changed entry is
 
     q' = clip(round((scale * (q - zero_point) + delta) / scale + zero_point), qmin, qmax)
 
@@ -10,7 +12,10 @@ with the entry's own scale and zero point (per-tensor or per-channel), and
 fit are clamped, never wrapped. One exception: a per-tensor bias (int8/uint8,
 as skl2onnx MatMul + Add graphs have) whose corrected values do not fit is
 re-encoded with a new scale and zero point that cover them, under new
-initializer names so that nothing else sharing the old ones changes. Only the
+initializer names so that nothing else sharing the old ones changes (an int32
+bias whose scale is fixed at scale_x * scale_W by QGemm / QLinearConv is
+clamped instead; its range is wide enough). A 1x1 Conv's [out, in, 1, 1]
+weight is edited as its [out, in] matrix and keeps its shape. Only the
 selected neurons' entries move; every other initializer and every node stays
 as it is, so the model keeps its opset, domains and node order.
 """
@@ -28,7 +33,15 @@ from numpy.typing import NDArray
 from onnx import numpy_helper
 
 from onnxrepair.errors import UnsupportedModelError
-from onnxrepair.graph import DenseLayer, FloatTensor, QuantizedTensor, channel_view, initializers
+from onnxrepair.graph import (
+    DenseLayer,
+    FloatTensor,
+    QuantizedTensor,
+    as_matrix,
+    channel_view,
+    initializers,
+    parameter_scale,
+)
 
 
 @dataclass(frozen=True)
@@ -77,7 +90,8 @@ def apply_deltas(
     inits = initializers(repaired)
     _check_unshared(repaired, weight, layer)
     tensor = inits[weight.quantized]
-    q = numpy_helper.to_array(tensor)
+    stored = numpy_helper.to_array(tensor)
+    q = as_matrix(stored)
     scale_full, zero_full = _scale_and_zero(inits, weight, q)
     info = ml_dtypes.iinfo(q.dtype)
     q_new = q.astype(np.int64)  # a copy, wide enough for any intermediate value
@@ -92,7 +106,7 @@ def apply_deltas(
         clamped[neuron] = int(np.count_nonzero(fitted != wanted))
         largest_step[neuron] = float(np.max(np.abs(delta) / scale_full[where], initial=0.0))
         q_new[where] = fitted
-    tensor.CopyFrom(numpy_helper.from_array(q_new.astype(q.dtype), weight.quantized))
+    tensor.CopyFrom(numpy_helper.from_array(q_new.reshape(stored.shape).astype(q.dtype), weight.quantized))
 
     bias_changed: list[int] = []
     reencoded = False
@@ -110,12 +124,14 @@ def _apply_bias(
     """Write bias changes; returns (neurons whose stored bias changed, whether it was re-encoded)."""
     bias = layer.bias
     if isinstance(bias, FloatTensor):
-        values = numpy_helper.to_array(inits[bias.initializer]).astype(np.float64)
-        flat = np.broadcast_to(values.reshape(-1), (layer.n_out,)).copy()
+        stored = numpy_helper.to_array(inits[bias.initializer])
+        flat = np.broadcast_to(stored.astype(np.float64).reshape(-1), (layer.n_out,)).copy()
         for neuron, move in moves.items():
             flat[neuron] += move
-        dtype = values.dtype
-        inits[bias.initializer].CopyFrom(numpy_helper.from_array(flat.astype(dtype), bias.initializer))
+        # the stored dtype and shape (float32 [1, out] in skl2onnx / dynamic graphs), never float64
+        inits[bias.initializer].CopyFrom(
+            numpy_helper.from_array(flat.reshape(stored.shape).astype(stored.dtype), bias.initializer)
+        )
         return sorted(moves), False
     assert isinstance(bias, QuantizedTensor)
     _check_unshared(model, bias, layer)
@@ -133,7 +149,8 @@ def _apply_bias(
     flat_scale, flat_zero = scale_full.reshape(-1), zero_full.reshape(-1)
     wanted = np.round(target / flat_scale + flat_zero).astype(np.int64)
     per_tensor = np.unique(flat_scale).size == 1 and np.unique(flat_zero).size == 1
-    if np.all((wanted >= info.min) & (wanted <= info.max)) or not per_tensor:
+    fixed_scale = bias.scale_factor is not None  # QGemm / QLinearConv define the bias scale themselves
+    if np.all((wanted >= info.min) & (wanted <= info.max)) or not per_tensor or fixed_scale:
         q_new = np.clip(wanted, info.min, info.max)
         inits[bias.quantized].CopyFrom(numpy_helper.from_array(q_new.reshape(q.shape).astype(q.dtype), bias.quantized))
         return [int(i) for i in np.flatnonzero(q_new != q.reshape(-1))], False
@@ -152,9 +169,10 @@ def _apply_bias(
         numpy_helper.from_array(np.full(scale_shape, new_scale, dtype=scale_dtype), scale_name)
     )
     model.graph.initializer.append(numpy_helper.from_array(np.full(scale_shape, new_zero, dtype=q.dtype), zero_name))
-    while len(node.input) < 3:
+    position = list(node.input).index(bias.quantized)  # DequantizeLinear: 0; QLinearAdd: 0 or 3
+    while len(node.input) < position + 3:
         node.input.append("")
-    node.input[1], node.input[2] = scale_name, zero_name
+    node.input[position + 1], node.input[position + 2] = scale_name, zero_name
     inits[bias.quantized].CopyFrom(numpy_helper.from_array(q_new.reshape(q.shape).astype(q.dtype), bias.quantized))
     return sorted(moves), True
 
@@ -163,7 +181,7 @@ def _scale_and_zero(
     inits: dict[str, onnx.TensorProto], param: QuantizedTensor, q: NDArray
 ) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
     """Scale and zero point broadcast to the shape of the integer tensor `q`."""
-    scale = channel_view(numpy_helper.to_array(inits[param.scale]).astype(np.float64), q.ndim, param.axis)
+    scale = channel_view(parameter_scale(inits, param), q.ndim, param.axis)
     zero = (
         channel_view(numpy_helper.to_array(inits[param.zero_point]).astype(np.float64), q.ndim, param.axis)
         if param.zero_point
@@ -174,7 +192,7 @@ def _scale_and_zero(
 
 def _check_unshared(model: onnx.ModelProto, param: QuantizedTensor, layer: DenseLayer) -> None:
     users = [n for n in model.graph.node if param.quantized in n.input]
-    if len(users) != 1 or users[0].op_type != "DequantizeLinear" or users[0].name != param.dequantize_node:
+    if len(users) != 1 or users[0].name != param.dequantize_node:
         raise UnsupportedModelError(
             f"initializer '{param.quantized}' of layer '{layer.name}' is used by "
             f"{[n.name or n.op_type for n in users]}; patching it would change those nodes too"

@@ -15,6 +15,7 @@ import onnxruntime as ort
 from numpy.typing import NDArray
 
 from onnxrepair.errors import DataError, UnsupportedModelError
+from onnxrepair.graph import with_outputs
 from onnxrepair.parallel import available_cores
 
 
@@ -49,9 +50,17 @@ def select_providers(choice: str, available: Sequence[str] | None = None) -> lis
 def make_session(model: onnx.ModelProto, role: str, providers: Sequence[str] | None = None) -> ort.InferenceSession:
     """An inference session with default options: what a user deploys.
 
+    The class scores (`output_name`) are always among its outputs.
+
     Raises:
         UnsupportedModelError: ONNX Runtime refuses the model.
     """
+    try:
+        scores: str | None = output_name(model)
+    except UnsupportedModelError:
+        scores = None  # reported where the scores are asked for
+    if scores is not None and scores not in {o.name for o in model.graph.output}:  # a ZipMap's input
+        model = with_outputs(model, [scores])
     options = ort.SessionOptions()
     options.log_severity_level = 3  # errors only; ORT's warnings are not the user's business here
     # the cores this process may use (ORT counts the machine's, which oversubscribes a container or taskset)
@@ -108,10 +117,13 @@ def default_batch_size(input_shape: Sequence[int | None], budget_bytes: int = 32
 
 
 def output_name(model: onnx.ModelProto) -> str:
-    """The output that holds the class scores: the first float output.
+    """The tensor that holds the class scores: the first float output.
 
     Classifiers from skl2onnx list an int64 `label` output before the float
-    `probabilities`; torch exports have the logits first.
+    `probabilities`; torch exports have the logits first. A skl2onnx model
+    converted with its ZipMap gives the probabilities as a sequence of maps:
+    then the scores are the ZipMap's input, which is not a graph output
+    (`make_session` adds it as one).
 
     Raises:
         UnsupportedModelError: the model has no float output.
@@ -120,5 +132,9 @@ def output_name(model: onnx.ModelProto) -> str:
     for output in model.graph.output:
         if output.type.tensor_type.elem_type in floats:
             return output.name
+    outputs = {o.name for o in model.graph.output}
+    for node in model.graph.node:
+        if node.op_type == "ZipMap" and node.output[0] in outputs:
+            return node.input[0]
     names = [o.name for o in model.graph.output]
     raise UnsupportedModelError(f"the model has no float output holding class scores (outputs: {names})")

@@ -117,12 +117,15 @@ def test_matmul_add_with_bias_first() -> None:
     np.testing.assert_array_equal(dense_parameters(model, layer)[1], b)
 
 
-def test_matmul_without_add_is_not_dense() -> None:
+def test_matmul_without_add_is_a_layer_without_bias() -> None:
     model, _, _ = matmul_add_model()
     del model.graph.node[1]
     model.graph.output[0].name = "mm"
     check_full(model)
-    assert find_dense_layers(model) == []
+    (layer,) = find_dense_layers(model)
+    assert (layer.op, layer.output_tensor, layer.bias) == ("MatMul", "mm", None)
+    w, b = dense_parameters(model, layer)
+    assert w.shape == (layer.n_out, layer.n_in) and not b.any()
 
 
 def test_matmul_add_quantized(quant_variants: dict[str, QuantVariant]) -> None:
