@@ -1,7 +1,7 @@
 """`onnxrepair inspect`: where quantization hurts, before anything is changed.
 
-For every dense layer of FLOAT that has a QDQ twin, one run of each model
-(every layer tapped at once) gives:
+For every dense layer of FLOAT that has a quantized twin, read as `fix` reads
+it (one run of both models per layer):
 
 - the flip share: how often a neuron's on/off status (pre-activation > 0)
   differs between FLOAT and QUANT, over all images and on failing ones;
@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,8 +31,8 @@ from numpy.typing import NDArray
 
 from onnxrepair.config import Metric
 from onnxrepair.data import ImageSet
-from onnxrepair.graph import input_spec, with_outputs
 from onnxrepair.localize import rank_neurons, suspiciousness
+from onnxrepair.methods import LayerActivity, read_layer_activity
 from onnxrepair.progress import NoProgress, Progress
 from onnxrepair.repair import LayerRow, list_layers
 from onnxrepair.runtime import make_session, output_name, run_batched
@@ -121,18 +121,26 @@ def inspect_models(
     progress = progress or NoProgress()
     rows = list_layers(float_model, quant_model)
     paired = [row for row in rows if row.pair is not None]
-    f_out, q_out = output_name(float_model), output_name(quant_model)
-    f_taps = [f_out] + [row.pair.float_layer.output_tensor for row in paired if row.pair]
-    q_taps = [q_out] + [row.pair.quant_layer.output_tensor for row in paired if row.pair]
-    logger.info("running FLOAT and QUANT on %d images, %d dense layers tapped", len(images), len(paired))
-    with progress.task("running models", 2 * len(images)) as advance:
-        f = _run(float_model, "FLOAT", f_taps, images.x, batch_size, advance, providers)
-        q = _run(quant_model, "QUANT", q_taps, images.x, batch_size, advance, providers)
-    failing = failing_mask(f[f_out], q[q_out])
-    layers = [_inspect_layer(row, f, q, failing, top, seed) for row in rows]
+    logger.info("reading %d dense layers of FLOAT and QUANT on %d images", len(paired), len(images))
+    # each layer is read as fix reads it (integer operators through added DequantizeLinear nodes, fused Relus
+    # through Q's accumulator), one pass of both models per layer
+    activities = {
+        row.layer.name: read_layer_activity(
+            float_model, quant_model, row.pair, images.x, batch_size, progress, providers=providers
+        )
+        for row in paired
+        if row.pair is not None
+    }
+    if activities:
+        first = next(iter(activities.values()))
+        float_scores, quant_scores = first.float_scores, first.quant_scores
+    else:
+        float_scores, quant_scores = _scores(float_model, quant_model, images, batch_size, providers, progress)
+    failing = failing_mask(float_scores, quant_scores)
+    layers = [_inspect_layer(row, activities.get(row.layer.name), failing, top, seed) for row in rows]
     accuracies = [
         None if images.labels is None else float(np.mean(np.argmax(s, axis=1) == images.labels))
-        for s in (f[f_out], q[q_out])
+        for s in (float_scores, quant_scores)
     ]
     layer, neurons, why = _recommend(layers, int(failing.sum()))
     return Inspection(
@@ -148,34 +156,32 @@ def inspect_models(
     )
 
 
-def _run(
-    model: onnx.ModelProto,
-    role: str,
-    names: list[str],
-    x: NDArray[np.float32],
+def _scores(
+    float_model: onnx.ModelProto,
+    quant_model: onnx.ModelProto,
+    images: ImageSet,
     batch_size: int,
-    advance: Callable[[int], None],
     providers: Sequence[str] | None,
-) -> dict[str, NDArray[np.float32]]:
-    input_name = input_spec(model).name
-    outputs = [n for n in dict.fromkeys(names) if n != input_name]
-    session = make_session(with_outputs(model, outputs), role, providers)
-    return run_batched(session, x, outputs, batch_size, advance)
+    progress: Progress,
+) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
+    """Both models' class scores, for a model pair with no repairable layer to read them with."""
+    scores = []
+    with progress.task("running models", 2 * len(images)) as advance:
+        for model, role in ((float_model, "FLOAT"), (quant_model, "QUANT")):
+            name = output_name(model)
+            session = make_session(model, role, providers)
+            scores.append(run_batched(session, images.x, [name], batch_size, advance)[name])
+    return scores[0], scores[1]
 
 
 def _inspect_layer(
-    row: LayerRow,
-    f: dict[str, NDArray[np.float32]],
-    q: dict[str, NDArray[np.float32]],
-    failing: NDArray[np.bool_],
-    top: int,
-    seed: int,
+    row: LayerRow, activity: LayerActivity | None, failing: NDArray[np.bool_], top: int, seed: int
 ) -> LayerInspection:
     layer = row.layer
     base = LayerInspection(layer.name, layer.op, layer.n_in, layer.n_out, "", row.weights, row.reason)
-    if row.pair is None:
+    if row.pair is None or activity is None:
         return base
-    float_pre, quant_pre = f[row.pair.float_layer.output_tensor], q[row.pair.quant_layer.output_tensor]
+    float_pre, quant_pre = activity.float_pre, activity.quant_pre
     flips = activation_flips(float_pre, quant_pre)
     spectrum = collect_spectrum(failing, flips)
     top_neurons = {

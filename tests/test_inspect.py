@@ -130,3 +130,31 @@ def test_unlabelled_arrays_report_agreement_only(digits: DigitsExample, tmp_path
     float_model, quant_model = onnx.load(str(digits.float_path)), onnx.load(str(digits.quant_path))
     found = inspect_models(float_model, quant_model, image_set(digits.x[:100], None), batch_size=32)
     assert found.float_accuracy is None and found.quant_accuracy is None and 0 < found.agreement <= 1
+
+
+FIXTURES = Path(__file__).parent / "fixtures"
+FLAVOURS = sorted({p.name.split(".")[1] for p in FIXTURES.glob("torchscript.*.onnx")} - {"float"})
+
+
+@pytest.mark.parametrize("exporter", ["torchscript", "convhead", "skl2onnx_zipmap"])
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_every_exporter_and_flavour_is_inspected(exporter: str, flavour: str) -> None:
+    float_model = onnx.load(str(FIXTURES / f"{exporter}.float.onnx"))
+    quant_model = onnx.load(str(FIXTURES / f"{exporter}.{flavour}.onnx"))
+    with np.load(FIXTURES / ("digits_flat.npz" if exporter.startswith("skl2onnx") else "digits.npz")) as arrays:
+        images = image_set(arrays["x"][:120].astype(np.float32), arrays["y"][:120])
+    found = inspect_models(float_model, quant_model, images, batch_size=64)
+    repairable = [layer for layer in found.layers if not layer.reason]
+    if not repairable:  # convhead's only dense layer is its head: left float, nothing to repair
+        assert (exporter, flavour) == ("convhead", "qdq_head_excluded")
+        assert found.recommended_layer is None and "nothing can be repaired" in found.recommendation
+        return
+    for layer in repairable:
+        assert layer.sqnr_db is not None and np.isfinite(layer.sqnr_db) and layer.sqnr_db > 0  # q tracks f
+        assert layer.flip_share is not None and 0 <= layer.flip_share < 0.5
+    if flavour == "qdq_head_excluded":  # the last layer stays float: named, with its reason, and not suggested
+        assert found.layers[-1].reason and "not quantized" in found.layers[-1].reason
+    if found.failing:
+        assert found.recommended_layer == repairable[-1].name
+    else:
+        assert found.recommended_layer is None and "agree on every image" in found.recommendation
