@@ -358,7 +358,8 @@ def test_logit_on_the_output_layer_fits_the_repair_inputs(quant_variants: dict[s
     reference = top1(float_model, x)
     before = int(np.sum(top1(quant_model, x) == reference))
     after = int(np.sum(top1(repaired, x) == reference))
-    assert before < len(x)  # there was something to fix
+    if key == "digits-int4":  # int8 may agree everywhere on CPUs with exact int8 kernels (VNNI): nothing to fix
+        assert before < len(x)  # there was something to fix
     assert after >= before
 
 

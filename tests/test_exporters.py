@@ -84,8 +84,12 @@ class Fixed:
 
 
 def fix(exporter: str, flavour: str, tmp: Path, capsys: pytest.CaptureFixture[str], *extra: str) -> Fixed:
+    return fix_paths(exporter, FIXTURES / f"{exporter}.{flavour}.onnx", tmp, capsys, *extra)
+
+
+def fix_paths(exporter: str, quant: Path, tmp: Path, capsys: pytest.CaptureFixture[str], *extra: str) -> Fixed:
     output, report = tmp / "repaired.onnx", tmp / "report.json"
-    args = [FIXTURES / f"{exporter}.float.onnx", FIXTURES / f"{exporter}.{flavour}.onnx", data_path(exporter)]
+    args = [FIXTURES / f"{exporter}.float.onnx", quant, data_path(exporter)]
     code = main(["fix", *map(str, args), "-o", str(output), "--report", str(report), "-q", *extra])
     err = capsys.readouterr().err
     loaded = json.loads(report.read_text()) if report.exists() else {}
@@ -339,10 +343,22 @@ def test_fix_of_integer_operator_layer_edits_its_integers_in_place(
     exporter: str, flavour: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """QGemm / QLinearMatMul / QLinearConv / MatMulInteger: the same initializer, dtype, zero point and scale."""
-    run = fix(exporter, flavour, tmp_path, capsys)
+    float_model, quant = load(exporter, flavour)
+    # Damage three neurons of the last layer, so that there is something to fix on any CPU: with exact int8
+    # kernels (VNNI) these 8-bit models can agree with FLOAT on every input, and then nothing would change.
+    layer = pair_layer(float_model, quant, None).quant_layer
+    assert isinstance(layer.weight, QuantizedTensor)
+    stored = initializers(quant)[layer.weight.quantized]
+    values = numpy_helper.to_array(stored).copy()
+    assert values.dtype == np.int8  # the s8 flavours: zero point 0, so negating a row negates its weights
+    rows = values.reshape(-1, values.shape[-1]).T if layer.weight_transposed else values.reshape(values.shape[0], -1)
+    rows[:3] = np.clip(-rows[:3].astype(np.int32), -128, 127).astype(np.int8)
+    stored.CopyFrom(numpy_helper.from_array(values, stored.name))
+    damaged = tmp_path / f"{exporter}.{flavour}.damaged.onnx"
+    onnx.save(quant, damaged)
+    run = fix_paths(exporter, damaged, tmp_path, capsys)
     assert run.code == 0, run.err
     assert run.repaired is not None
-    float_model, quant = load(exporter, flavour)
     layer = pair_layer(float_model, quant, run.report["layer"]).quant_layer
     assert isinstance(layer.weight, QuantizedTensor)
     old, new = weight_matrix(quant, layer), weight_matrix(run.repaired, layer)
