@@ -43,20 +43,7 @@ from onnxrepair.repair import list_layers
 
 FIXTURES = Path(__file__).parent / "fixtures"
 EXPORTERS = ("torchscript", "dynamo", "dynamo_matmul", "skl2onnx", "skl2onnx_zipmap", "gemm_variants", "convhead")
-FLAVOURS = (
-    "qdq_s8_tensor",
-    "qdq_s8_channel",
-    "qdq_s8_asym",
-    "qdq_u8_channel",
-    "qdq_s4_channel",
-    "qdq_relu_removed",
-    "qdq_float_out",
-    "qdq_head_excluded",
-    "qop_s8",
-    "qop_s8_channel",
-    "dynamic_s8",
-    "dynamic_u8_channel",
-)
+FLAVOURS = tuple(json.loads((FIXTURES / "build.json").read_text())["flavours"])  # as tools/build_fixtures.py made them
 UNSUPPORTED: set[tuple[str, str]] = set()  # every fixture is repairable (test_unsupported.py has the others)
 # qdq_head_excluded leaves the last layer float (nodes_to_exclude): the default layer has nothing to repair
 CASES = [(e, f) for e in EXPORTERS for f in FLAVOURS if (e, f) not in UNSUPPORTED and f != "qdq_head_excluded"]

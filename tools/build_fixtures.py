@@ -38,7 +38,8 @@ Quantized flavours (ONNX Runtime, calibrated on the first 64 images of digits.np
 
 ``digits.npz`` holds ``x`` [N,1,8,8] and ``y``: the 597 digits the MLP did not
 train on. ``digits_flat.npz`` is the same as [N,64] for the skl2onnx models.
-``build.json`` records versions and, per float model, its accuracy.
+``build.json`` records versions, the MLP's accuracy, the flavours (the list the
+tests and tools/exporter_matrix.py read) and any flavour ONNX Runtime could not make.
 """
 
 from __future__ import annotations
@@ -332,6 +333,7 @@ def main(argv: list[str] | None = None) -> int:
             "onnxruntime": onnxruntime.__version__,
         },
         "mlp_accuracy": float(mlp.score(x, y_all[rest])),
+        "flavours": list(FLAVOURS),  # what the tests and tools/exporter_matrix.py read back
         "failed": {},
     }
     failed: dict[str, str] = {}

@@ -27,20 +27,7 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-FLAVOURS = (
-    "qdq_s8_tensor",
-    "qdq_s8_channel",
-    "qdq_s8_asym",
-    "qdq_u8_channel",
-    "qdq_s4_channel",
-    "qdq_relu_removed",
-    "qdq_float_out",
-    "qdq_head_excluded",
-    "qop_s8",
-    "qop_s8_channel",
-    "dynamic_s8",
-    "dynamic_u8_channel",
-)
+FLAVOURS = tuple(json.loads((ROOT / "tests" / "fixtures" / "build.json").read_text())["flavours"])
 
 
 def run_fix(float_path: Path, quant_path: Path, data: Path, extra: list[str]) -> tuple[int, dict | None, int, str]:
