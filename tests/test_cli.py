@@ -457,3 +457,31 @@ def test_an_undecodable_image_is_skipped_warned_and_counted(
     assert json.loads(report.read_text())["skipped_images"] == [str(images / "3" / "cut.png")]
     assert "(1 undecodable file(s) skipped)" in words(out)
     assert "cut.png" in words(err) and "skipped 1 file(s)" in words(err)
+
+
+@pytest.mark.parametrize("where", ["during the repair", "while the output is renamed into place"])
+def test_ctrl_c_exits_130_and_leaves_no_file(
+    digits: DigitsExample,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    where: str,
+) -> None:
+    import onnxrepair.cli
+    import onnxrepair.files
+
+    def interrupt(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    if where == "during the repair":
+        monkeypatch.setattr(onnxrepair.cli, "repair", interrupt)
+    else:
+        monkeypatch.setattr(onnxrepair.files.os, "replace", interrupt)
+    output = tmp_path / "out" / "repaired.onnx"
+    output.parent.mkdir()
+    models = [str(digits.float_path), str(digits.quant_path), str(digits.images)]
+    before = digest([digits.float_path, digits.quant_path, digits.images])
+    assert main(["fix", *models, "-o", str(output), "--neurons", "2", "--jobs", "1"]) == 130
+    assert "interrupted; no output was written" in capsys.readouterr().err
+    assert list(output.parent.iterdir()) == []  # neither the model nor a temporary file
+    assert digest([digits.float_path, digits.quant_path, digits.images]) == before
