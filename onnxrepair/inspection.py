@@ -14,8 +14,11 @@ repairable layer, whose neurons are (or are nearest to) the class scores, so a
 repair there changes the decision most directly; on both benchmark models it
 gave the largest gains (docs/BENCHMARKS.md), while the noisiest layer, by
 SQNR, was an earlier one where single-neuron repairs gained nothing. N is the
-number of that layer's neurons that flip more often on failing images than on
-passing ones.
+number of that layer's neurons that flip on at least one failing image. On
+the bundled example quantized to int4 by `onnxrepair quantize`, 8 of the
+output layer's 10 do; repairing 8 gave 88.00 % validation accuracy, all 10
+88.40 %, 5 (those flipping more often on failing than on passing images)
+85.80 %, and 3 nothing (83.80 % before).
 """
 
 from __future__ import annotations
@@ -54,8 +57,8 @@ class LayerInspection:
         flip_share_failing: the same over failing images only (None when none fail).
         sqnr_db: signal-to-quantization-noise ratio of the pre-activation output.
         top_neurons: metric name -> the most suspicious neurons, most first.
-        fail_biased_neurons: neurons flipping more often on failing images than
-            on passing ones.
+        neurons_flipping_on_failing: neurons whose on/off status differs on at
+            least one failing image (the suggested N).
     """
 
     name: str
@@ -69,7 +72,7 @@ class LayerInspection:
     flip_share_failing: float | None = None
     sqnr_db: float | None = None
     top_neurons: dict[str, list[int]] | None = None
-    fail_biased_neurons: int | None = None
+    neurons_flipping_on_failing: int | None = None
 
 
 @dataclass(frozen=True)
@@ -189,8 +192,6 @@ def _inspect_layer(
         for metric in Metric
         if metric is not Metric.RANDOM
     }
-    fail_rate = spectrum.af / max(spectrum.n_failing, 1)
-    pass_rate = spectrum.as_ / max(spectrum.n_passing, 1)
     return LayerInspection(
         layer.name,
         layer.op,
@@ -203,7 +204,7 @@ def _inspect_layer(
         flip_share_failing=float(flips[failing].mean()) if failing.any() else None,
         sqnr_db=sqnr_db(float_pre, quant_pre),
         top_neurons=top_neurons,
-        fail_biased_neurons=int(np.sum(fail_rate > pass_rate)) if failing.any() else 0,
+        neurons_flipping_on_failing=int(np.sum(spectrum.af > 0)),
     )
 
 
@@ -214,11 +215,11 @@ def _recommend(layers: list[LayerInspection], failing: int) -> tuple[str | None,
     if failing == 0:
         return None, None, "FLOAT and QUANT agree on every image: there is nothing to repair on these images"
     last = measured[-1]
-    neurons = max(1, min(last.n_out, last.fail_biased_neurons or 1))
+    neurons = max(1, min(last.n_out, last.neurons_flipping_on_failing or 1))
     why = (
         f"{last.name} is the last repairable layer, nearest to the class scores, where a repair changes the "
-        f"decision most directly; {last.fail_biased_neurons} of its {last.n_out} neurons flip more often on "
-        "failing images than on passing ones"
+        f"decision most directly; {last.neurons_flipping_on_failing} of its {last.n_out} neurons flip on at "
+        "least one failing image"
     )
     noisiest = min(measured, key=lambda layer: layer.sqnr_db if layer.sqnr_db is not None else math.inf)
     if noisiest is not last:

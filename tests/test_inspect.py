@@ -73,18 +73,19 @@ def test_flips_sqnr_agreement_and_suggestion_match_an_independent_count(digits: 
         with np.errstate(invalid="ignore", divide="ignore"):
             ochiai = np.nan_to_num(af / np.sqrt((af + as_) * failing.sum()))
         assert layer.top_neurons["ochiai"] == np.argsort(-ochiai, kind="stable")[:3].tolist()
-    # the suggestion: the last repairable layer, N = its neurons flipping more on failing than on passing images
+    # the suggestion: the last repairable layer, N = its neurons that flip on at least one failing image
     last = (f_logits > 0) != (q_logits > 0)
-    biased = int(np.sum(last[failing].mean(0) > last[~failing].mean(0)))
+    flipping = int(np.sum(last[failing].any(axis=0)))
     assert found.recommended_layer == "/fc2/Gemm"
-    assert found.recommended_neurons == max(1, biased)
+    assert found.recommended_neurons == max(1, flipping)
+    assert by_name["/fc1/Gemm"].neurons_flipping_on_failing == int(np.sum(((f_h > 0) != (q_h > 0))[failing].any(0)))
     assert "/fc2/Gemm" in found.recommendation
 
 
 def test_suggestion_edge_cases() -> None:
     def layer(name: str, sqnr: float | None, biased: int | None = 3) -> LayerInspection:
         return LayerInspection(name, "Gemm", 4, 8, name if sqnr is not None else "", "int8", "", sqnr_db=sqnr,
-                               fail_biased_neurons=biased)  # fmt: skip
+                               neurons_flipping_on_failing=biased)  # fmt: skip
 
     assert _recommend([layer("a", None)], 5)[0] is None  # nothing repairable
     assert _recommend([layer("a", 3.0), layer("b", 9.0)], 0)[:2] == (None, None)  # nothing fails
