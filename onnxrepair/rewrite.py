@@ -124,14 +124,23 @@ def _apply_bias(
     """Write bias changes; returns (neurons whose stored bias changed, whether it was re-encoded)."""
     bias = layer.bias
     if isinstance(bias, FloatTensor):
+        users = [n.name or n.op_type for n in model.graph.node if bias.initializer in n.input]
+        if len(users) != 1:
+            raise UnsupportedModelError(
+                f"bias initializer '{bias.initializer}' of layer '{layer.name}' is used by {users}; "
+                "changing it would change those nodes too"
+            )
         stored = numpy_helper.to_array(inits[bias.initializer])
         flat = np.broadcast_to(stored.astype(np.float64).reshape(-1), (layer.n_out,)).copy()
         for neuron, move in moves.items():
             flat[neuron] += move
-        # the stored dtype and shape (float32 [1, out] in skl2onnx / dynamic graphs), never float64
-        inits[bias.initializer].CopyFrom(
-            numpy_helper.from_array(flat.reshape(stored.shape).astype(stored.dtype), bias.initializer)
-        )
+        # the stored dtype, never float64; the stored shape (float32 [1, out] in skl2onnx / dynamic graphs), or,
+        # for one value broadcast to every neuron, that shape widened to one value per neuron (Add broadcasts it)
+        shape = stored.shape if stored.size == layer.n_out else (*stored.shape[:-1], layer.n_out)
+        if stored.ndim == 0:
+            shape = (layer.n_out,)
+        widened = flat.reshape(shape).astype(stored.dtype)
+        inits[bias.initializer].CopyFrom(numpy_helper.from_array(widened, bias.initializer))
         return sorted(moves), False
     assert isinstance(bias, QuantizedTensor)
     _check_unshared(model, bias, layer)

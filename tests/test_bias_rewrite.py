@@ -238,3 +238,62 @@ def test_reencoded_names_avoid_every_tensor_name(matmul_models: dict[str, tuple[
     check_full(repaired)
     (scores,) = run_model(repaired, x)
     assert np.all(np.isfinite(scores))
+
+
+def _matmul_add_with_float_bias(folder: Path, bias: np.ndarray, shared: bool = False) -> tuple[Path, Path, Path]:
+    """x [N,8] -> MatMul -> Add(bias) -> y [N,4], dynamically quantized (the bias stays a float initializer)."""
+    from onnx import TensorProto, helper, numpy_helper
+    from onnxruntime.quantization import quantize_dynamic
+
+    rng = np.random.default_rng(0)
+    weight = numpy_helper.from_array(rng.normal(size=(8, 4)).astype(np.float32), "W")
+    nodes = [
+        helper.make_node("MatMul", ["x", "W"], ["m"], name="mm"),
+        helper.make_node("Add", ["m", "b"], ["y"], name="add"),
+    ]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 4])]
+    if shared:  # a second node reads the same bias
+        nodes.append(helper.make_node("Add", ["x", "b"], ["z"], name="other"))
+        outputs.append(helper.make_tensor_value_info("z", TensorProto.FLOAT, [None, 8]))
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 8])],
+        outputs,
+        [weight, numpy_helper.from_array(bias.astype(np.float32), "b")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+    float_path, quant_path, data = folder / "f.onnx", folder / "q.onnx", folder / "x.npz"
+    onnx.save(model, float_path)
+    quantize_dynamic(str(float_path), str(quant_path))
+    np.savez(data, x=rng.normal(size=(200, 8)).astype(np.float32))
+    return float_path, quant_path, data
+
+
+def test_a_scalar_float_bias_is_widened_to_one_value_per_neuron(tmp_path: Path) -> None:
+    from onnxrepair.cli import main
+
+    float_path, quant_path, data = _matmul_add_with_float_bias(tmp_path, np.array([0.1]))
+    out = tmp_path / "r.onnx"
+    assert main(["fix", str(float_path), str(quant_path), str(data), "-o", str(out), "-q"]
+                + ["--encoding", "bias-correction"]) == 0  # fmt: skip
+    repaired, quant = onnx.load(str(out)), onnx.load(str(quant_path))
+    new_bias = initializer_arrays(repaired)["b"]
+    assert new_bias.shape == (4,) and new_bias.dtype == np.float32
+    x = np.load(data)["x"][:50]
+    (before,), (after,) = run_model(quant, x), run_model(repaired, x)
+    np.testing.assert_allclose(after - before, np.broadcast_to(new_bias - 0.1, after.shape), atol=1e-5)
+
+
+def test_a_float_bias_read_by_another_node_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from onnxrepair.cli import main
+
+    float_path, quant_path, data = _matmul_add_with_float_bias(tmp_path, np.full(4, 0.2))
+    assert main(["fix", str(float_path), str(quant_path), str(data), "-o", str(tmp_path / "a.onnx"), "-q"]) == 0
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    float_path, quant_path, data = _matmul_add_with_float_bias(shared, np.full(1, 0.2), shared=True)
+    out = shared / "r.onnx"
+    code = main(["fix", str(float_path), str(quant_path), str(data), "-o", str(out), "--encoding", "bias-correction"])
+    err = " ".join(capsys.readouterr().err.split())
+    assert code == 2 and "'b'" in err and "used by" in err and not out.exists()
