@@ -56,6 +56,7 @@ from onnxrepair.graph import (
     input_spec,
     load_model,
     pair_layer,
+    rejected_layers,
     save_preprocessing,
     saved_preprocessing,
 )
@@ -410,7 +411,7 @@ def run_fix(args: argparse.Namespace, console: Console) -> int:
     quant_model = load_model(args.quant_model, "QUANT")
     check_models_match(float_model, quant_model)
     if args.list_layers:
-        print_layers(console, list_layers(float_model, quant_model))
+        print_layers(console, list_layers(float_model, quant_model), rejected_layers(float_model))
         return EXIT_OK
     layer_specs = tuple(args.layer) + tuple(n.strip() for n in (args.layers or "").split(",") if n.strip())
     for name in resolve_layers(float_model, layer_specs):  # a wrong --layer fails now, not after loading images

@@ -170,6 +170,13 @@ def rejected_layers(model: onnx.ModelProto) -> list[RejectedLayer]:
     return [layer for layer in found if isinstance(layer, RejectedLayer)]
 
 
+def _matrix(shape: tuple[int, ...], operand: str) -> tuple[int, int]:
+    """`shape` when it is a matrix's; a Gemm/MatMul weight of another rank is no dense layer."""
+    if len(shape) != 2:
+        raise _Reject(f"weight {operand} has shape {list(shape)}; a dense layer's weight is a matrix")
+    return shape[0], shape[1]
+
+
 def initializers(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
     return {t.name: t for t in model.graph.initializer}
 
@@ -206,6 +213,8 @@ class _GraphIndex:
             return read(node)
         except _Reject as reject:
             return RejectedLayer(node.name, node.op_type, str(reject))
+        except (ValueError, IndexError, KeyError, TypeError) as exc:  # a form no reader expects: one node, not all
+            return RejectedLayer(node.name, node.op_type, f"not a form onnxrepair reads ({type(exc).__name__}: {exc})")
 
     # --- float and QDQ forms -------------------------------------------------------------------
 
@@ -215,14 +224,14 @@ class _GraphIndex:
         if attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0:
             raise _Reject("transA=1, alpha != 1 or beta != 1 is not of the form x @ W + b")
         transposed = not attrs.get("transB", 0)
-        shape = self.shape(weight)
+        shape = _matrix(self.shape(weight), "B")
         n_out, n_in = (shape[1], shape[0]) if transposed else shape
         bias = self.constant(node.input[2], "C", matrix=False) if len(node.input) > 2 and node.input[2] else None
         return DenseLayer(node.name, "Gemm", node.input[0], node.output[0], weight, transposed, bias, n_in, n_out)
 
     def _matmul_add(self, node: onnx.NodeProto) -> DenseLayer:
         weight = self.constant(node.input[1], "B")
-        n_in, n_out = self.shape(weight)
+        n_in, n_out = _matrix(self.shape(weight), "B")
         add, matmul_side = self._next_add(node.output[0])
         bias = self.parameter(add.input[1 - matmul_side], bias=True) if add is not None else None
         if add is None or bias is None or int(np.prod(self.shape(bias))) not in (1, n_out):
@@ -272,7 +281,7 @@ class _GraphIndex:
         if attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0:
             raise _Reject("transA=1 or alpha != 1 is not of the form x @ W + b")
         transposed = not attrs.get("transB", 0)
-        shape = self.integer_shape(node.input[3], "B")
+        shape = _matrix(self.integer_shape(node.input[3], "B"), "B")
         n_out, n_in = (shape[1], shape[0]) if transposed else shape
         weight = self.operand(node, 3, axis=1 if transposed else 0)
         bias = self.int32_bias(node, 6, node.input[4], node.input[1]) if _has(node, 6) else None
@@ -284,7 +293,7 @@ class _GraphIndex:
 
     def _qlinear_matmul(self, node: onnx.NodeProto) -> DenseLayer:
         """QLinearMatMul(a, a_scale, a_zp, b, b_scale, b_zp, y_scale, y_zp) [-> QLinearAdd(y, bias)]."""
-        n_in, n_out = self.integer_shape(node.input[3], "b")
+        n_in, n_out = _matrix(self.integer_shape(node.input[3], "b"), "b")
         weight = self.operand(node, 3, axis=1)
         output, bias, op = node.output[0], None, "QLinearMatMul"
         out_encoding = self.encoding(node.output[0], node, 6, 7)
@@ -313,7 +322,7 @@ class _GraphIndex:
 
     def _matmul_integer(self, node: onnx.NodeProto) -> DenseLayer:
         """DynamicQuantizeLinear(x) -> MatMulInteger(x_q, W_q, x_zp, W_zp) -> Cast -> Mul(x_scale * W_scale) -> Add?"""
-        n_in, n_out = self.integer_shape(node.input[1], "B")
+        n_in, n_out = _matrix(self.integer_shape(node.input[1], "B"), "B")
         return self._dynamic(node, "MatMulInteger", n_in, n_out, transposed=True, channel_axis=1)
 
     def _conv_integer(self, node: onnx.NodeProto) -> DenseLayer:

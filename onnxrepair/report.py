@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -21,6 +21,7 @@ from rich.table import Table
 from onnxrepair import __version__
 from onnxrepair.config import Encoding, RepairConfig
 from onnxrepair.inspection import Inspection
+from onnxrepair.layers import RejectedLayer
 from onnxrepair.methods import LayerRepair
 from onnxrepair.repair import LayerRow, ModelScore, RepairResult
 from onnxrepair.search import Score
@@ -318,8 +319,8 @@ def print_model_score(console: Console, model: Path, score: ModelScore, against:
     console.print(table)
 
 
-def print_layers(console: Console, rows: list[LayerRow]) -> None:
-    """The dense layers of FLOAT and whether each can be repaired."""
+def print_layers(console: Console, rows: list[LayerRow], rejected: Sequence[RejectedLayer] = ()) -> None:
+    """The dense layers of FLOAT and whether each can be repaired; then the layer-like nodes that are not layers."""
     table = Table(title="Dense layers of FLOAT (the last one is the default --layer)", title_justify="left")
     # The layer name is what --layer takes: never cut or wrapped.
     table.add_column("layer", no_wrap=True, min_width=max((len(r.layer.name) for r in rows), default=5))
@@ -328,11 +329,13 @@ def print_layers(console: Console, rows: list[LayerRow]) -> None:
     for row in rows:
         shape = f"{row.layer.n_in} -> {row.layer.n_out}"
         if row.pair is None:
-            table.add_row(row.layer.name, row.layer.op, shape, "", "", f"[red]no[/]: {escape(row.reason)}")
+            table.add_row(escape(row.layer.name), row.layer.op, shape, "", "", f"[red]no[/]: {escape(row.reason)}")
         else:
             quant = f"{row.pair.quant_layer.name} (by {row.pair.paired_by})"
-            table.add_row(row.layer.name, row.layer.op, shape, quant, row.weights, "[green]yes[/]")
+            table.add_row(escape(row.layer.name), row.layer.op, shape, escape(quant), row.weights, "[green]yes[/]")
     console.print(table)
+    for node in rejected:
+        console.print(f"not a dense layer: {escape(node.describe())}", highlight=False, soft_wrap=True)
 
 
 def print_inspection(console: Console, inspection: Inspection, command: str | None) -> None:

@@ -148,3 +148,29 @@ def test_blocked_quantization_is_named() -> None:
     assert layer.name == "/fc1/Gemm"
     (rejected,) = rejected_layers(quant)
     assert rejected.name == "/fc2/Gemm" and "block_size=8" in rejected.reason
+
+
+def test_a_matmul_with_a_4d_weight_is_named_not_a_traceback(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """One odd node must not break every command: it is listed with its reason, and fix names it."""
+    from onnxruntime.quantization import quantize_dynamic
+
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["m"], name="mm"), helper.make_node("Add", ["m", "b"], ["y"])]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 1, 1, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 1, 1, 4])],
+        [
+            numpy_helper.from_array(rng.normal(size=(1, 1, 8, 4)).astype(np.float32), "W"),
+            numpy_helper.from_array(np.zeros(4, np.float32), "b"),
+        ],
+    )
+    float_path, quant_path = tmp_path / "f.onnx", tmp_path / "q.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9), float_path)
+    quantize_dynamic(str(float_path), str(quant_path))
+    assert main(["fix", "--list-layers", str(float_path), str(quant_path)]) == 0
+    listed = " ".join(capsys.readouterr().out.split())
+    assert "not a dense layer: MatMul 'mm': weight B has shape [1, 1, 8, 4]" in listed
+    code, err, _ = fix_exit(tmp_path, capsys, float_path, quant_path)
+    assert code == 2 and "MatMul 'mm'" in err and "Traceback" not in err
