@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import shlex
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -636,10 +637,9 @@ def run_inspect(args: argparse.Namespace, console: Console) -> int:
         )
     command = None
     if inspection.recommended_layer is not None:
-        command = (
-            f"onnxrepair fix {args.float_model} {args.quant_model} {args.images} "
-            f"--layer {inspection.recommended_layer} --neurons {inspection.recommended_neurons}"
-        )
+        suggested = ["--layer", inspection.recommended_layer, "--neurons", str(inspection.recommended_neurons)]
+        paths = [str(p) for p in (args.float_model, args.quant_model, args.images)]
+        command = shlex.join(["onnxrepair", "fix", *paths, *_image_options_given(args), *suggested])
     print_inspection(console, inspection, command)
     if args.json is not None:
         inputs = {name: str(getattr(args, name)) for name in ("float_model", "quant_model", "images")}
@@ -745,6 +745,26 @@ def resolve_preprocessing(
         text = prep.describe() + ("" if source in ("options", "default") else f" ({source})")
     console.print(f"preprocessing: {escape(text)}", highlight=False, soft_wrap=True)
     return prep, text
+
+
+def _image_options_given(args: argparse.Namespace) -> list[str]:
+    """The options that decided how images were read, as given, so that a suggested command reads them alike."""
+    given: list[str] = []
+    if args.labels is not None:
+        given += ["--labels", str(args.labels)]
+    if args.preprocess is not None:
+        given += ["--preprocess", args.preprocess]
+    for flag in ("mean", "std"):
+        if getattr(args, flag):
+            given += [f"--{flag}", *(f"{v:g}" for v in getattr(args, flag))]
+    if args.resize is not None:
+        mode, side = args.resize
+        given += ["--resize", str(side) if side else mode]
+    if args.bgr:
+        given.append("--bgr")
+    if args.batch_size is not None:  # dynamic quantization scales x per batch
+        given += ["--batch-size", str(args.batch_size)]
+    return given
 
 
 def _add_output_flags(parser: argparse.ArgumentParser) -> None:

@@ -538,14 +538,17 @@ def _resized(image: Image.Image, prep: Preprocessing) -> Image.Image:
         if (width, height) == (prep.width, prep.height):
             return image
         return image.resize((prep.width, prep.height), Image.Resampling.BILINEAR)
-    if prep.shorter_side is None:
+    if prep.shorter_side is None:  # just cover height x width
         scale = max(prep.width / width, prep.height / height)
+        scaled_w, scaled_h = max(prep.width, round(width * scale)), max(prep.height, round(height * scale))
+    elif width <= height:  # torchvision's Resize(N): the shorter side to N, the longer one truncated
+        scaled_w, scaled_h = prep.shorter_side, int(prep.shorter_side * height / width)
     else:
-        scale = prep.shorter_side / min(width, height)
-    scaled_w, scaled_h = max(prep.width, round(width * scale)), max(prep.height, round(height * scale))
+        scaled_w, scaled_h = int(prep.shorter_side * width / height), prep.shorter_side
     if (scaled_w, scaled_h) != (width, height):
         image = image.resize((scaled_w, scaled_h), Image.Resampling.BILINEAR)
-    left, top = (scaled_w - prep.width) // 2, (scaled_h - prep.height) // 2
+    # torchvision's CenterCrop offsets: int(round(margin / 2)), Python's rounding (half to even)
+    left, top = int(round((scaled_w - prep.width) / 2)), int(round((scaled_h - prep.height) / 2))
     return image.crop((left, top, left + prep.width, top + prep.height))
 
 

@@ -23,6 +23,7 @@ output layer's 10 do; repairing 8 gave 88.00 % validation accuracy, all 10
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Sequence
@@ -34,6 +35,7 @@ from numpy.typing import NDArray
 
 from onnxrepair.config import Metric
 from onnxrepair.data import ImageSet
+from onnxrepair.errors import UnsupportedModelError
 from onnxrepair.localize import rank_neurons, suspiciousness
 from onnxrepair.methods import LayerActivity, read_layer_activity
 from onnxrepair.progress import NoProgress, Progress
@@ -127,13 +129,16 @@ def inspect_models(
     logger.info("reading %d dense layers of FLOAT and QUANT on %d images", len(paired), len(images))
     # each layer is read as fix reads it (integer operators through added DequantizeLinear nodes, fused Relus
     # through Q's accumulator), one pass of both models per layer
-    activities = {
-        row.layer.name: read_layer_activity(
-            float_model, quant_model, row.pair, images.x, batch_size, progress, providers=providers
-        )
-        for row in paired
-        if row.pair is not None
-    }
+    activities: dict[str, LayerActivity] = {}
+    for index, row in enumerate(rows):
+        if row.pair is None:
+            continue
+        try:
+            activities[row.layer.name] = read_layer_activity(
+                float_model, quant_model, row.pair, images.x, batch_size, progress, providers=providers
+            )
+        except UnsupportedModelError as exc:  # e.g. a layer over [N, tokens, features]: that layer only
+            rows[index] = dataclasses.replace(row, pair=None, reason=str(exc))
     if activities:
         first = next(iter(activities.values()))
         float_scores, quant_scores = first.float_scores, first.quant_scores

@@ -114,7 +114,11 @@ def quantize(float_path: Path, images: ImageSet, config: QuantizeConfig) -> Quan
         finally:
             logging.getLogger().setLevel(quiet)
         quant_model = onnx.load(str(output))
-    onnx.checker.check_model(quant_model)  # what is written must be a valid model (ORT runs it below)
+    try:
+        onnx.checker.check_model(quant_model)  # what is written must be a valid model (ORT runs it below)
+    except onnx.checker.ValidationError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "invalid"
+        raise UnsupportedModelError(f"ONNX Runtime's quantizer made an invalid model of {float_path}: {first}") from exc
     holdout = images.subset(holdout_idx)
     providers = config.providers or None
     scored = score_model(quant_model, holdout, config.batch_size, float_model, providers)

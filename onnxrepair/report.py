@@ -361,14 +361,14 @@ def print_inspection(console: Console, inspection: Inspection, command: str | No
         shape = f"{layer.n_in}->{layer.n_out}"
         if layer.reason:
             reason = f"[red]not repairable[/]: {escape(layer.reason)}"
-            table.add_row(layer.name, layer.op, shape, reason, "", "", "")
+            table.add_row(escape(layer.name), layer.op, shape, reason, "", "", "")
             continue
         marker = " [green]<-[/]" if layer.name == inspection.recommended_layer else ""
         table.add_row(
-            layer.name + marker,
+            escape(layer.name) + marker,
             layer.op,
             shape,
-            layer.weights,
+            escape(layer.weights),
             _pct(layer.flip_share),
             _pct(layer.flip_share_failing),
             "n/a" if layer.sqnr_db is None else f"{layer.sqnr_db:.1f}",

@@ -159,3 +159,81 @@ def test_every_exporter_and_flavour_is_inspected(exporter: str, flavour: str) ->
         assert found.recommended_layer == repairable[-1].name
     else:
         assert found.recommended_layer is None and "agree on every image" in found.recommendation
+
+
+def test_a_layer_over_tokens_is_reported_and_the_others_still_measured(tmp_path: Path) -> None:
+    """x [N, 4, 8] -> MatMul+Add (per token) -> Relu -> Flatten -> Gemm: the first layer is not [N, features]."""
+    from onnx import numpy_helper
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
+
+    rng = np.random.default_rng(0)
+    weights = [
+        numpy_helper.from_array(rng.normal(size=(8, 16)).astype(np.float32), "W1"),
+        numpy_helper.from_array(rng.normal(size=16).astype(np.float32), "b1"),
+        numpy_helper.from_array((rng.normal(size=(10, 64)) * 0.3).astype(np.float32), "W2"),
+        numpy_helper.from_array(rng.normal(size=10).astype(np.float32), "b2"),
+    ]
+    nodes = [
+        helper.make_node("MatMul", ["x", "W1"], ["m1"], name="mm1"),
+        helper.make_node("Add", ["m1", "b1"], ["a1"], name="add1"),
+        helper.make_node("Relu", ["a1"], ["r"], name="relu"),
+        helper.make_node("Flatten", ["r"], ["f"], name="flat", axis=1),
+        helper.make_node("Gemm", ["f", "W2", "b2"], ["y"], name="gemm2", transB=1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "tokens",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 4, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 10])],
+        weights,
+    )
+    x = rng.normal(size=(200, 4, 8)).astype(np.float32)
+    float_path, quant_path = tmp_path / "f.onnx", tmp_path / "q.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9), float_path)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = iter([{"x": x[i : i + 50]} for i in range(0, 200, 50)])
+
+        def get_next(self) -> dict | None:
+            return next(self.batches, None)
+
+    quantize_static(str(float_path), str(quant_path), Reader(), quant_format=QuantFormat.QDQ)
+    found = inspect_models(onnx.load(str(float_path)), onnx.load(str(quant_path)), image_set(x, None), 64)
+    first, last = found.layers
+    assert first.name == "mm1" and first.sqnr_db is None and "64 values per input" in first.reason
+    assert last.name == "gemm2" and last.sqnr_db is not None and not last.reason
+
+
+def test_suggested_command_keeps_the_image_options_and_quotes_paths(
+    digits: DigitsExample, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import shlex
+    import shutil
+
+    folder = tmp_path / "my images"
+    shutil.copytree(digits.validation, folder)
+    args = [str(digits.float_path), str(digits.quant_path), str(folder), "--mean", "0.1", "--std", "0.9"]
+    assert main(["inspect", *args, "--resize", "crop", "--batch-size", "16"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    suggested = shlex.split(next(line for line in lines if line.strip().startswith("onnxrepair fix")))
+    assert suggested[2:5] == [str(digits.float_path), str(digits.quant_path), str(folder)]
+    for option in (["--mean", "0.1"], ["--std", "0.9"], ["--resize", "crop"], ["--batch-size", "16"]):
+        index = suggested.index(option[0])
+        assert suggested[index : index + 2] == option
+    # and the suggestion runs as it is
+    out = tmp_path / "r.onnx"
+    assert main([*suggested[1:], "-o", str(out), "-q", "--jobs", "1"]) == 0 and out.exists()
+
+
+def test_layer_names_with_markup_are_shown_as_they_are(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    float_model = onnx.load(str(FIXTURES / "torchscript.float.onnx"))
+    quant_model = onnx.load(str(FIXTURES / "torchscript.qdq_s8_tensor.onnx"))
+    for model in (float_model, quant_model):
+        for node in model.graph.node:
+            if node.name == "/fc2/Gemm":
+                node.name = "blk[/x]/Gemm"
+    onnx.save(float_model, tmp_path / "f.onnx")
+    onnx.save(quant_model, tmp_path / "q.onnx")
+    assert main(["inspect", str(tmp_path / "f.onnx"), str(tmp_path / "q.onnx"), str(FIXTURES / "digits.npz")]) == 0
+    assert "blk[/x]/Gemm" in capsys.readouterr().out

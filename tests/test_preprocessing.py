@@ -55,6 +55,13 @@ def test_shorter_side_then_centre_crop_like_torchvision(tmp_path: Path) -> None:
     prep = preprocessing_for_input("x", (1, 3, 24, 24), resize="crop", shorter_side=32)
     expected = np.asarray(Image.fromarray(ramp(64, 32)))[4:28, 20:44].transpose(2, 0, 1) / 255
     np.testing.assert_allclose(load_image(tmp_path / "img.png", prep), expected, atol=1e-6)
+    # torchvision's arithmetic where it differs from plain rounding: the longer side truncated (1000 * 256 / 746
+    # = 343.16 -> 343), the crop offset int(round(margin / 2)) with an odd margin (343 - 224 = 119 -> 60)
+    Image.fromarray(ramp(250, 250)).resize((1000, 746)).save(tmp_path / "photo.png")
+    prep = preprocessing_for_input("x", (1, 3, 224, 224), resize="crop", shorter_side=256)
+    scaled = Image.open(tmp_path / "photo.png").convert("RGB").resize((343, 256), Image.Resampling.BILINEAR)
+    expected = np.asarray(scaled)[16:240, 60:284].transpose(2, 0, 1) / 255
+    np.testing.assert_allclose(load_image(tmp_path / "photo.png", prep), expected, atol=1e-6)
     with pytest.raises(DataError, match="at least 24"):
         preprocessing_for_input("x", (1, 3, 24, 24), resize="crop", shorter_side=16)
 
