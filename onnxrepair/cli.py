@@ -162,14 +162,16 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     fix = commands.add_parser(
         "fix",
-        help="repair a QDQ model against its float original",
+        help="repair a quantized model (QDQ, QOperator or dynamic) against its float original",
         description="Find the neurons of one dense layer that cause float/quant disagreement "
         "and correct their integer weights (QNNRepair).",
         epilog=FIX_EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     fix.add_argument("float_model", metavar="FLOAT", type=Path, help="the float ONNX model")
-    fix.add_argument("quant_model", metavar="QUANT", type=Path, help="its ONNX Runtime QDQ quantized model")
+    fix.add_argument(
+        "quant_model", metavar="QUANT", type=Path, help="its ONNX Runtime quantized model: QDQ, QOperator or dynamic"
+    )
     fix.add_argument(
         "images",
         metavar="IMAGES",
@@ -332,7 +334,9 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     inspect_parser.add_argument("float_model", metavar="FLOAT", type=Path, help="the float ONNX model")
-    inspect_parser.add_argument("quant_model", metavar="QUANT", type=Path, help="its QDQ quantized model")
+    inspect_parser.add_argument(
+        "quant_model", metavar="QUANT", type=Path, help="its quantized model: QDQ, QOperator or dynamic"
+    )
     inspect_parser.add_argument(
         "images", metavar="IMAGES", type=Path, help="class subfolders, a flat folder, or .npz/.npy"
     )
