@@ -33,13 +33,13 @@ from onnxrepair.layers import (
     LAYER_OPS,
     QUANTIZE_OPS,
     QUANTIZED_OPS,
-    DenseLayer,
     FloatTensor,
     IntegerTensor,
+    Layer,
     Parameter,
     QuantizedTensor,
     RejectedLayer,
-    find_dense_layers,
+    find_layers,
     initializers,
     rejected_layers,
 )
@@ -49,7 +49,7 @@ __all__ = [
     "LAYER_OPS",
     "QUANTIZED_OPS",
     "QUANTIZE_OPS",
-    "DenseLayer",
+    "Layer",
     "FloatTensor",
     "InputSpec",
     "IntegerTensor",
@@ -62,9 +62,9 @@ __all__ = [
     "channel_view",
     "check_models_match",
     "clips_negatives",
-    "dense_parameters",
+    "layer_parameters",
     "describe_parameter",
-    "find_dense_layers",
+    "find_layers",
     "initializers",
     "input_spec",
     "layer_grid",
@@ -84,8 +84,8 @@ logger = logging.getLogger(__name__)
 class LayerPair:
     """A float layer and its QDQ counterpart, and how they were matched."""
 
-    float_layer: DenseLayer
-    quant_layer: DenseLayer
+    float_layer: Layer
+    quant_layer: Layer
     paired_by: str  # "name" or "position"
 
 
@@ -217,8 +217,8 @@ def pair_layer(float_model: onnx.ModelProto, quant_model: onnx.ModelProto, name:
         ModelPairingError: no such layer, or no matching layer in QUANT.
         UnsupportedModelError: the QUANT layer's weights are not quantized.
     """
-    float_layers = find_dense_layers(float_model)
-    quant_layers = find_dense_layers(quant_model)
+    float_layers = find_layers(float_model)
+    quant_layers = find_layers(quant_model)
     if not float_layers:
         rejected = rejected_layers(float_model)
         why = f"; not repairable: {_rejections_text(rejected)}" if rejected else ""
@@ -272,7 +272,7 @@ def pair_layer(float_model: onnx.ModelProto, quant_model: onnx.ModelProto, name:
     return LayerPair(float_layer, quant_layer, paired_by)
 
 
-def dense_parameters(model: onnx.ModelProto, layer: DenseLayer) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+def layer_parameters(model: onnx.ModelProto, layer: Layer) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
     """The layer's effective (dequantized) W as [out, in] and b as [out]."""
     inits = initializers(model)
     weight = as_matrix(parameter_value(inits, layer.weight))
@@ -305,7 +305,7 @@ class LayerGrid:
     bias_high: NDArray[np.float64] | None
 
 
-def layer_grid(model: onnx.ModelProto, layer: DenseLayer) -> LayerGrid:
+def layer_grid(model: onnx.ModelProto, layer: Layer) -> LayerGrid:
     """The integer grid of a layer's weights and bias (see LayerGrid)."""
     inits = initializers(model)
     w_step, w_low, w_high = (as_matrix(a) for a in _parameter_grid(inits, layer.weight))
@@ -393,7 +393,7 @@ def clips_negatives(model: onnx.ModelProto, encoding: IntegerTensor) -> bool:
     return bool(np.all(zero == ml_dtypes.iinfo(zero.dtype).min))
 
 
-def tap_layer(model: onnx.ModelProto, layer: DenseLayer) -> tuple[onnx.ModelProto, str, str]:
+def tap_layer(model: onnx.ModelProto, layer: Layer) -> tuple[onnx.ModelProto, str, str]:
     """`model` (a copy where needed) and the float tensors holding the layer's x and pre-activation.
 
     A layer of an integer-operator format has integer x and y; the copy gets a

@@ -109,7 +109,7 @@ Parameter = FloatTensor | QuantizedTensor
 
 
 @dataclass(frozen=True)
-class DenseLayer:
+class Layer:
     """One repairable dense layer of a model.
 
     Attributes:
@@ -156,11 +156,11 @@ class RejectedLayer:
         return f"{self.op} '{self.name}': {self.reason}"
 
 
-def find_dense_layers(model: onnx.ModelProto) -> list[DenseLayer]:
+def find_layers(model: onnx.ModelProto) -> list[Layer]:
     """All repairable dense layers, in graph order."""
     index = _GraphIndex(model)
     found = (index.dense_layer(node) for node in model.graph.node)
-    return [layer for layer in found if isinstance(layer, DenseLayer)]
+    return [layer for layer in found if isinstance(layer, Layer)]
 
 
 def rejected_layers(model: onnx.ModelProto) -> list[RejectedLayer]:
@@ -195,7 +195,7 @@ class _GraphIndex:
         self.graph_outputs = {o.name for o in model.graph.output}
         self._shapes: dict[str, tuple[int | None, ...]] | None = None
 
-    def dense_layer(self, node: onnx.NodeProto) -> DenseLayer | RejectedLayer | None:
+    def dense_layer(self, node: onnx.NodeProto) -> Layer | RejectedLayer | None:
         """The layer `node` computes; a rejection with its reason; None for nodes of other ops."""
         if node.op_type not in LAYER_OPS or node.domain not in ("", "ai.onnx", "com.microsoft"):
             return None
@@ -218,7 +218,7 @@ class _GraphIndex:
 
     # --- float and QDQ forms -------------------------------------------------------------------
 
-    def _gemm(self, node: onnx.NodeProto) -> DenseLayer:
+    def _gemm(self, node: onnx.NodeProto) -> Layer:
         weight = self.constant(node.input[1], "B")
         attrs = _attributes(node)
         if attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0:
@@ -227,22 +227,22 @@ class _GraphIndex:
         shape = _matrix(self.shape(weight), "B")
         n_out, n_in = (shape[1], shape[0]) if transposed else shape
         bias = self.constant(node.input[2], "C", matrix=False) if len(node.input) > 2 and node.input[2] else None
-        return DenseLayer(node.name, "Gemm", node.input[0], node.output[0], weight, transposed, bias, n_in, n_out)
+        return Layer(node.name, "Gemm", node.input[0], node.output[0], weight, transposed, bias, n_in, n_out)
 
-    def _matmul_add(self, node: onnx.NodeProto) -> DenseLayer:
+    def _matmul_add(self, node: onnx.NodeProto) -> Layer:
         weight = self.constant(node.input[1], "B")
         n_in, n_out = _matrix(self.shape(weight), "B")
         add, matmul_side = self._next_add(node.output[0])
         bias = self.parameter(add.input[1 - matmul_side], bias=True) if add is not None else None
         if add is None or bias is None or int(np.prod(self.shape(bias))) not in (1, n_out):
-            return DenseLayer(node.name, "MatMul", node.input[0], node.output[0], weight, True, None, n_in, n_out)
-        return DenseLayer(node.name, "MatMul+Add", node.input[0], add.output[0], weight, True, bias, n_in, n_out)
+            return Layer(node.name, "MatMul", node.input[0], node.output[0], weight, True, None, n_in, n_out)
+        return Layer(node.name, "MatMul+Add", node.input[0], add.output[0], weight, True, bias, n_in, n_out)
 
-    def _conv(self, node: onnx.NodeProto) -> DenseLayer:
+    def _conv(self, node: onnx.NodeProto) -> Layer:
         weight = self.constant(node.input[1], "W")
         n_out, n_in = self._check_conv_1x1(node, self.shape(weight))
         bias = self.constant(node.input[2], "B", matrix=False) if len(node.input) > 2 and node.input[2] else None
-        return DenseLayer(node.name, "Conv1x1", node.input[0], node.output[0], weight, False, bias, n_in, n_out)
+        return Layer(node.name, "Conv1x1", node.input[0], node.output[0], weight, False, bias, n_in, n_out)
 
     def _check_conv_1x1(self, node: onnx.NodeProto, shape: tuple[int, ...]) -> tuple[int, int]:
         """(out, in) of a Conv that is a dense layer: 1x1 kernel, one group, no padding, over a 1x1 map."""
@@ -275,7 +275,7 @@ class _GraphIndex:
 
     # --- integer-operator forms (QOperator, dynamic) -------------------------------------------
 
-    def _qgemm(self, node: onnx.NodeProto) -> DenseLayer:
+    def _qgemm(self, node: onnx.NodeProto) -> Layer:
         """QGemm(A, a_scale, a_zp, B, b_scale, b_zp, C?, y_scale?, y_zp?): C is int32 with scale a_scale * b_scale."""
         attrs = _attributes(node)
         if attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0:
@@ -286,12 +286,12 @@ class _GraphIndex:
         weight = self.operand(node, 3, axis=1 if transposed else 0)
         bias = self.int32_bias(node, 6, node.input[4], node.input[1]) if _has(node, 6) else None
         output = self.encoding(node.output[0], node, 7, 8) if _has(node, 7) else None
-        return DenseLayer(
+        return Layer(
             node.name, "QGemm", node.input[0], node.output[0], weight, transposed, bias, n_in, n_out,
             self.encoding(node.input[0], node, 1, 2), output,
         )  # fmt: skip
 
-    def _qlinear_matmul(self, node: onnx.NodeProto) -> DenseLayer:
+    def _qlinear_matmul(self, node: onnx.NodeProto) -> Layer:
         """QLinearMatMul(a, a_scale, a_zp, b, b_scale, b_zp, y_scale, y_zp) [-> QLinearAdd(y, bias)]."""
         n_in, n_out = _matrix(self.integer_shape(node.input[3], "b"), "b")
         weight = self.operand(node, 3, axis=1)
@@ -305,34 +305,34 @@ class _GraphIndex:
                 bias = self.operand(add, side, axis=len(self.inits[add.input[side]].dims) - 1)
                 output, op = add.output[0], "QLinearMatMul+QLinearAdd"
                 out_encoding = self.encoding(add.output[0], add, 6, 7)
-        return DenseLayer(
+        return Layer(
             node.name, op, node.input[0], output, weight, True, bias, n_in, n_out,
             self.encoding(node.input[0], node, 1, 2), out_encoding,
         )  # fmt: skip
 
-    def _qlinear_conv(self, node: onnx.NodeProto) -> DenseLayer:
+    def _qlinear_conv(self, node: onnx.NodeProto) -> Layer:
         """QLinearConv(x, x_scale, x_zp, w, w_scale, w_zp, y_scale, y_zp, B?): B int32, scale x_scale * w_scale."""
         n_out, n_in = self._check_conv_1x1(node, self.integer_shape(node.input[3], "w"))
         weight = self.operand(node, 3, axis=0)
         bias = self.int32_bias(node, 8, node.input[4], node.input[1]) if _has(node, 8) else None
-        return DenseLayer(
+        return Layer(
             node.name, "QLinearConv1x1", node.input[0], node.output[0], weight, False, bias, n_in, n_out,
             self.encoding(node.input[0], node, 1, 2), self.encoding(node.output[0], node, 6, 7),
         )  # fmt: skip
 
-    def _matmul_integer(self, node: onnx.NodeProto) -> DenseLayer:
+    def _matmul_integer(self, node: onnx.NodeProto) -> Layer:
         """DynamicQuantizeLinear(x) -> MatMulInteger(x_q, W_q, x_zp, W_zp) -> Cast -> Mul(x_scale * W_scale) -> Add?"""
         n_in, n_out = _matrix(self.integer_shape(node.input[1], "B"), "B")
         return self._dynamic(node, "MatMulInteger", n_in, n_out, transposed=True, channel_axis=1)
 
-    def _conv_integer(self, node: onnx.NodeProto) -> DenseLayer:
+    def _conv_integer(self, node: onnx.NodeProto) -> Layer:
         """DynamicQuantizeLinear(x) -> ConvInteger(x_q, W_q, x_zp, W_zp) -> Cast -> Mul -> Add(Reshape(b))?, 1x1."""
         n_out, n_in = self._check_conv_1x1(node, self.integer_shape(node.input[1], "w"))
         return self._dynamic(node, "ConvInteger1x1", n_in, n_out, transposed=False, channel_axis=0)
 
     def _dynamic(
         self, node: onnx.NodeProto, op: str, n_in: int, n_out: int, transposed: bool, channel_axis: int
-    ) -> DenseLayer:
+    ) -> Layer:
         """The dynamic-quantization pattern around MatMulInteger / ConvInteger (ONNX Runtime's quantize_dynamic)."""
         source = self.producer.get(node.input[0])
         if source is None or source.op_type != "DynamicQuantizeLinear":
@@ -355,10 +355,8 @@ class _GraphIndex:
         add, side = self._next_add(mul.output[0])
         bias = self.parameter(add.input[1 - side], bias=True) if add is not None else None
         if add is None or bias is None or int(np.prod(self.shape(bias))) not in (1, n_out):
-            return DenseLayer(
-                node.name, op, node.input[0], mul.output[0], weight, transposed, None, n_in, n_out, x_encoding
-            )
-        return DenseLayer(
+            return Layer(node.name, op, node.input[0], mul.output[0], weight, transposed, None, n_in, n_out, x_encoding)
+        return Layer(
             node.name, f"{op}+Add", node.input[0], add.output[0], weight, transposed, bias, n_in, n_out, x_encoding
         )
 

@@ -23,13 +23,13 @@ from numpy.typing import NDArray
 from onnxrepair.config import Encoding, Metric, SolveConfig
 from onnxrepair.errors import UnsupportedModelError
 from onnxrepair.graph import (
-    DenseLayer,
+    Layer,
     LayerGrid,
     LayerPair,
     clips_negatives,
-    dense_parameters,
     input_spec,
     layer_grid,
+    layer_parameters,
     tap_layer,
     with_outputs,
 )
@@ -142,7 +142,7 @@ def read_layer_activity(
     if q_layer.output_encoding is not None and clips_negatives(quant_model, q_layer.output_encoding):
         # A Relu fused into the integer output: y = max(pre, 0) hides how negative each neuron is (bias
         # correction needs it). The pre-activation is Q's exact integer accumulator, x @ W^T + b in reals.
-        weights, bias = dense_parameters(quant_model, q_layer)
+        weights, bias = layer_parameters(quant_model, q_layer)
         quant_pre = (q[q_in].astype(np.float64) @ weights.T + bias).astype(np.float32)
     return LayerActivity(
         float_scores=f[f_out],
@@ -217,7 +217,7 @@ def _solve(
                 f"--encoding logit repairs the output layer only, and '{pair.float_layer.name}' does not give "
                 "the class scores; pick the last layer or another encoding"
             )
-        weights, bias = dense_parameters(quant_model, pair.quant_layer)
+        weights, bias = layer_parameters(quant_model, pair.quant_layer)
         grid = layer_grid(quant_model, pair.quant_layer)
         targets = np.argmax(activity.float_scores, axis=1).astype(np.int64)
         inputs = activity.quant_inputs.astype(np.float64)
@@ -253,7 +253,7 @@ def layer_problems(
 
     Sharing matters for --jobs: the array is pickled once per chunk of problems, not once per neuron.
     """
-    weights, bias = dense_parameters(quant_model, pair.quant_layer)
+    weights, bias = layer_parameters(quant_model, pair.quant_layer)
     grid = layer_grid(quant_model, pair.quant_layer)
     inputs = activity.quant_inputs.astype(np.float64)
     return [
@@ -273,7 +273,7 @@ def solve_before(problem: NeuronProblem, config: SolveConfig, wall_deadline: flo
     return solve_neuron(problem, config)
 
 
-def _bias_correction(layer: DenseLayer, activity: LayerActivity) -> list[NeuronSolution]:
+def _bias_correction(layer: Layer, activity: LayerActivity) -> list[NeuronSolution]:
     if layer.bias is None:
         raise UnsupportedModelError(f"layer '{layer.name}' has no bias, so bias correction cannot repair it")
     shift = np.mean(activity.float_pre.astype(np.float64) - activity.quant_pre.astype(np.float64), axis=0)
@@ -322,7 +322,7 @@ def _run_tapped(
     return values
 
 
-def _check_width(values: NDArray, layer: DenseLayer, role: str, side: str = "output") -> None:
+def _check_width(values: NDArray, layer: Layer, role: str, side: str = "output") -> None:
     """A layer over [batch, features] (or a 1x1 map) has n_out outputs and n_in inputs per input."""
     expected = layer.n_out if side == "output" else layer.n_in
     if values.shape[1] != expected:

@@ -22,11 +22,11 @@ from onnxrepair.data import ImageSet, stratified_split
 from onnxrepair.errors import ModelPairingError, OnnxRepairError
 from onnxrepair.evaluate import Evaluation, evaluate_scores
 from onnxrepair.graph import (
-    DenseLayer,
+    Layer,
     LayerPair,
     check_models_match,
     describe_parameter,
-    find_dense_layers,
+    find_layers,
     pair_layer,
 )
 from onnxrepair.methods import LayerRepair, Method, read_layer_activity, repair_layer
@@ -100,7 +100,7 @@ def resolve_layers(float_model: onnx.ModelProto, names: tuple[str, ...]) -> list
     Raises:
         ModelPairingError: an unknown name or a bad "last:K".
     """
-    available = [layer.name for layer in find_dense_layers(float_model)]
+    available = [layer.name for layer in find_layers(float_model)]
     if not available:
         pair_layer(float_model, float_model, None)  # raises UnsupportedModelError, naming the nodes and why
     if not names:
@@ -325,7 +325,7 @@ def score_model(
 class LayerRow:
     """One dense layer of FLOAT as `--list-layers` shows it."""
 
-    layer: DenseLayer
+    layer: Layer
     pair: LayerPair | None
     weights: str  # how QUANT stores the paired layer's weights, e.g. "int8 per-tensor"
     reason: str  # why the layer cannot be repaired; empty when it can
@@ -334,7 +334,7 @@ class LayerRow:
 def list_layers(float_model: onnx.ModelProto, quant_model: onnx.ModelProto) -> list[LayerRow]:
     """Every dense layer of FLOAT with its QDQ pair, or the reason it has none."""
     rows = []
-    for layer in find_dense_layers(float_model):
+    for layer in find_layers(float_model):
         try:
             pair = pair_layer(float_model, quant_model, layer.name)
         except OnnxRepairError as exc:  # shown to the user as the reason the layer is not repairable

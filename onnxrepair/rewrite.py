@@ -34,8 +34,8 @@ from onnx import numpy_helper
 
 from onnxrepair.errors import UnsupportedModelError
 from onnxrepair.graph import (
-    DenseLayer,
     FloatTensor,
+    Layer,
     QuantizedTensor,
     as_matrix,
     channel_view,
@@ -66,7 +66,7 @@ class RewriteStats:
 
 def apply_deltas(
     quant_model: onnx.ModelProto,
-    layer: DenseLayer,
+    layer: Layer,
     deltas: Mapping[int, NDArray[np.float64]],
     bias_deltas: Mapping[int, float] | None = None,
 ) -> tuple[onnx.ModelProto, RewriteStats]:
@@ -74,7 +74,7 @@ def apply_deltas(
 
     Args:
         quant_model: the QDQ model; not modified.
-        layer: the layer in `quant_model` (from graph.find_dense_layers / pair_layer).
+        layer: the layer in `quant_model` (from graph.find_layers / pair_layer).
         deltas: neuron index -> [n_in] change of its dequantized weights.
         bias_deltas: neuron index -> change of its dequantized bias.
 
@@ -119,7 +119,7 @@ def apply_deltas(
 
 
 def _apply_bias(
-    model: onnx.ModelProto, inits: dict[str, onnx.TensorProto], layer: DenseLayer, moves: dict[int, float]
+    model: onnx.ModelProto, inits: dict[str, onnx.TensorProto], layer: Layer, moves: dict[int, float]
 ) -> tuple[list[int], bool]:
     """Write bias changes; returns (neurons whose stored bias changed, whether it was re-encoded)."""
     bias = layer.bias
@@ -199,7 +199,7 @@ def _scale_and_zero(
     return np.broadcast_to(scale, q.shape), np.broadcast_to(zero, q.shape)
 
 
-def _check_unshared(model: onnx.ModelProto, param: QuantizedTensor, layer: DenseLayer) -> None:
+def _check_unshared(model: onnx.ModelProto, param: QuantizedTensor, layer: Layer) -> None:
     users = [n for n in model.graph.node if param.quantized in n.input]
     if len(users) != 1 or users[0].name != param.dequantize_node:
         raise UnsupportedModelError(

@@ -13,7 +13,7 @@ from helpers_issue3 import gemm_head_without_bias, initializer_arrays, quantize_
 from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
 from onnxrepair.errors import UnsupportedModelError
-from onnxrepair.graph import QuantizedTensor, dense_parameters, pair_layer
+from onnxrepair.graph import QuantizedTensor, layer_parameters, pair_layer
 from onnxrepair.rewrite import apply_deltas
 
 
@@ -61,11 +61,11 @@ def test_int32_bias_moves_only_the_selected_entries(quant_variants: dict[str, Qu
 def test_int32_bias_and_weights_together(quant_variants: dict[str, QuantVariant]) -> None:
     quant = onnx.load(str(quant_variants["digits-int8"].quant_path))
     bias, layer = bias_of(quant, "/fc2/Gemm")
-    w, b = dense_parameters(quant, layer)  # type: ignore[arg-type]
+    w, b = layer_parameters(quant, layer)  # type: ignore[arg-type]
     scale_b = float(initializer_arrays(quant)[bias.scale].reshape(-1)[0])
     delta = np.zeros(w.shape[1])
     repaired, stats = apply_deltas(quant, layer, {2: delta}, {2: 12 * scale_b})  # type: ignore[arg-type]
-    w_new, b_new = dense_parameters(repaired, layer)  # type: ignore[arg-type]
+    w_new, b_new = layer_parameters(repaired, layer)  # type: ignore[arg-type]
     np.testing.assert_array_equal(w_new, w)
     assert b_new[2] == pytest.approx(b[2] + 12 * scale_b, rel=1e-9)
     np.testing.assert_array_equal(np.delete(b_new, 2), np.delete(b, 2))
@@ -148,7 +148,7 @@ def test_large_bias_move_is_reencoded(
     original.CopyFrom(quant)
     bias, layer = bias_of(quant, None)
     values = initializer_arrays(quant)
-    _, b = dense_parameters(quant, layer)  # type: ignore[arg-type]
+    _, b = layer_parameters(quant, layer)  # type: ignore[arg-type]
     span = float(b.max() - b.min())
     move = sign * 5 * span  # far outside what the stored scale and zero point can express
     wanted = b.copy()
@@ -175,7 +175,7 @@ def test_large_bias_move_is_reencoded(
         assert name is not None
         np.testing.assert_array_equal(after[name], values[name])
     # every bias value is what was wanted, within one new step (read through the rewritten DQ node)
-    _, b_new = dense_parameters(repaired, pair_layer(repaired, repaired, None).quant_layer)
+    _, b_new = layer_parameters(repaired, pair_layer(repaired, repaired, None).quant_layer)
     np.testing.assert_allclose(b_new, wanted, rtol=0, atol=new_scale)
     # the weights did not move
     assert [k for k in values if not np.array_equal(values[k], after[k])] == [bias.quantized]
@@ -196,7 +196,7 @@ def test_large_bias_move_is_reencoded(
 def test_reencoding_twice_gives_fresh_names(matmul_models: dict[str, tuple[onnx.ModelProto, np.ndarray]]) -> None:
     quant, x = matmul_models["uint8"]
     bias, layer = bias_of(quant, None)
-    _, b = dense_parameters(quant, layer)  # type: ignore[arg-type]
+    _, b = layer_parameters(quant, layer)  # type: ignore[arg-type]
     span = float(b.max() - b.min())
     once, first = apply_deltas(quant, layer, {}, {0: 5 * span})  # type: ignore[arg-type]
     layer_once = pair_layer(once, once, None).quant_layer
@@ -205,7 +205,7 @@ def test_reencoding_twice_gives_fresh_names(matmul_models: dict[str, tuple[onnx.
     names = [t.name for t in twice.graph.initializer]
     assert len(names) == len(set(names))
     check_full(twice)
-    _, b_twice = dense_parameters(twice, pair_layer(twice, twice, None).quant_layer)
+    _, b_twice = layer_parameters(twice, pair_layer(twice, twice, None).quant_layer)
     assert b_twice[1] == pytest.approx(b[1] - 50 * span, abs=float(b_twice.max() - b_twice.min()) / 100)
     (scores,) = run_model(twice, x)
     assert np.all(np.isfinite(scores))
@@ -227,7 +227,7 @@ def test_reencoded_names_avoid_every_tensor_name(matmul_models: dict[str, tuple[
                 node.input[i] = clash
     check_full(renamed)
     _, layer = bias_of(renamed, None)
-    _, b = dense_parameters(renamed, layer)  # type: ignore[arg-type]
+    _, b = layer_parameters(renamed, layer)  # type: ignore[arg-type]
     repaired, stats = apply_deltas(renamed, layer, {}, {0: 5 * float(b.max() - b.min())})  # type: ignore[arg-type]
     assert stats.bias_reencoded
     dq = next(n for n in repaired.graph.node if n.name == bias.dequantize_node)

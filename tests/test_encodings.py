@@ -20,7 +20,7 @@ from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 from onnxrepair.cli import main
 from onnxrepair.config import LOGIT_MARGIN, SIGN_MARGIN, Encoding, Metric, Objective, SolveConfig
 from onnxrepair.errors import UnsupportedModelError
-from onnxrepair.graph import dense_parameters, layer_grid, pair_layer
+from onnxrepair.graph import layer_grid, layer_parameters, pair_layer
 from onnxrepair.methods import Method, read_layer_activity, repair_layer
 from onnxrepair.solve import LogitProblem, NeuronGrid, NeuronProblem, SolveStatus, solve_logit, solve_neuron
 
@@ -277,8 +277,8 @@ def test_integer_solution_holds_exactly_in_the_written_model(
     # The case is not trivial: some integer weight or bias really moved.
     assert sum(outcome.rewrite.changed.values()) + len(outcome.rewrite.bias_changed) > 0
 
-    w, b = dense_parameters(quant_model, pair.quant_layer)
-    w_new, b_new = dense_parameters(repaired, pair.quant_layer)
+    w, b = layer_parameters(quant_model, pair.quant_layer)
+    w_new, b_new = layer_parameters(repaired, pair.quant_layer)
     grid = layer_grid(quant_model, pair.quant_layer)
     untouched = [j for j in range(pair.quant_layer.n_out) if j not in outcome.selected]
     np.testing.assert_array_equal(w_new[untouched], w[untouched])
@@ -328,7 +328,7 @@ def test_integer_solution_holds_exactly_for_matmul_add(quant_variants: dict[str,
     activity = read_layer_activity(float_model, quant_model, pair, x, 256)
     method = Method(Encoding.INTEGER, Metric.EUCLID, pair.quant_layer.n_out)
     repaired, outcome = repair_layer(quant_model, pair, activity, method, config(Encoding.INTEGER, norm_weight=0.001))
-    w, b = dense_parameters(quant_model, pair.quant_layer)
+    w, b = layer_parameters(quant_model, pair.quant_layer)
     got = run_exact(repaired, x, [pair.quant_layer.output_tensor])[pair.quant_layer.output_tensor]
     for s in outcome.solutions:
         assert s.weight_delta is not None

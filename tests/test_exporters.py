@@ -28,13 +28,13 @@ from onnx import numpy_helper
 
 from onnxrepair.cli import main
 from onnxrepair.graph import (
-    DenseLayer,
+    Layer,
     QuantizedTensor,
     as_matrix,
     clips_negatives,
-    dense_parameters,
-    find_dense_layers,
+    find_layers,
     initializers,
+    layer_parameters,
     pair_layer,
     rejected_layers,
 )
@@ -83,7 +83,7 @@ def fix_paths(exporter: str, quant: Path, tmp: Path, capsys: pytest.CaptureFixtu
     return Fixed(code, loaded, onnx.load(str(output)) if output.exists() else None, err)
 
 
-def weight_matrix(model: onnx.ModelProto, layer: DenseLayer) -> np.ndarray:
+def weight_matrix(model: onnx.ModelProto, layer: Layer) -> np.ndarray:
     """The layer's stored integer weights as [out, in] (neuron j is row j)."""
     assert isinstance(layer.weight, QuantizedTensor)
     w = as_matrix(numpy_helper.to_array(initializers(model)[layer.weight.quantized]))
@@ -106,16 +106,16 @@ EXPECTED_FLOAT = {
 @pytest.mark.parametrize("exporter", EXPORTERS)
 def test_float_layers_of_each_exporter(exporter: str) -> None:
     model = onnx.load(str(FIXTURES / f"{exporter}.float.onnx"))
-    found = [(layer.name, layer.op, layer.n_in, layer.n_out) for layer in find_dense_layers(model)]
+    found = [(layer.name, layer.op, layer.n_in, layer.n_out) for layer in find_layers(model)]
     assert found == EXPECTED_FLOAT[exporter]
 
 
 def test_gemm_variants_layout_and_bias() -> None:
     model = onnx.load(str(FIXTURES / "gemm_variants.float.onnx"))
-    t0, t1 = find_dense_layers(model)
+    t0, t1 = find_layers(model)
     assert t0.weight_transposed and t0.bias is not None  # transB=0: W stored [in, out]
     assert not t1.weight_transposed and t1.bias is None  # transB=1 without C
-    w, b = dense_parameters(model, t0)
+    w, b = layer_parameters(model, t0)
     assert w.shape == (24, 64) and b.shape == (24,) and b.any()
 
 
@@ -139,15 +139,15 @@ QUANT_OPS = {
 @pytest.mark.parametrize(("flavour", "exporter"), [(f, e) for f, ops in QUANT_OPS.items() for e in ops])
 def test_integer_operator_layers_pair_with_the_float_ones(flavour: str, exporter: str) -> None:
     float_model, quant_model = load(exporter, flavour)
-    for float_layer in find_dense_layers(float_model):
+    for float_layer in find_layers(float_model):
         pair = pair_layer(float_model, quant_model, float_layer.name)
         assert pair.quant_layer.op == QUANT_OPS[flavour][exporter]
         assert pair.paired_by == "name"  # '/fc1/Gemm' -> '/fc1/Gemm_quant' or '/fc1/Gemm_MatMul_quant'
         assert pair.quant_layer.name.startswith(float_layer.name + "_")
         assert pair.quant_layer.quantized
         # the dequantized weights are the float ones to within half a step
-        wf, _ = dense_parameters(float_model, float_layer)
-        wq, _ = dense_parameters(quant_model, pair.quant_layer)
+        wf, _ = layer_parameters(float_model, float_layer)
+        wq, _ = layer_parameters(quant_model, pair.quant_layer)
         assert wq.shape == wf.shape
         assert np.max(np.abs(wq - wf)) <= np.max(np.abs(wf)) / 127 + 1e-6
 
@@ -203,7 +203,7 @@ def test_pre_activation_read_from_q_is_x_times_w_plus_b(exporter: str, flavour: 
     float_model, quant_model = load(exporter, flavour)
     pair = pair_layer(float_model, quant_model, None)
     activity = read_layer_activity(float_model, quant_model, pair, inputs(exporter), batch_size=16)
-    w, b = dense_parameters(quant_model, pair.quant_layer)
+    w, b = layer_parameters(quant_model, pair.quant_layer)
     computed = activity.quant_inputs.astype(np.float64) @ w.T + b
     assert activity.quant_inputs.shape == (64, pair.quant_layer.n_in)
     encoding = pair.quant_layer.output_encoding
@@ -244,7 +244,7 @@ def test_integer_input_is_read_as_its_real_value() -> None:
 def test_fused_relu_output_is_read_as_the_pre_activation(exporter: str) -> None:
     """QOperator fc1 writes max(pre, 0) as uint8; the spectrum and bias correction need pre itself."""
     float_model, quant_model = load(exporter, "qop_s8")
-    pair = pair_layer(float_model, quant_model, find_dense_layers(float_model)[0].name)
+    pair = pair_layer(float_model, quant_model, find_layers(float_model)[0].name)
     assert pair.quant_layer.output_encoding is not None
     assert clips_negatives(quant_model, pair.quant_layer.output_encoding)
     activity = read_layer_activity(float_model, quant_model, pair, inputs(exporter), batch_size=64)

@@ -15,11 +15,11 @@ from onnxrepair.graph import (
     FloatTensor,
     QuantizedTensor,
     check_models_match,
-    dense_parameters,
     describe_parameter,
-    find_dense_layers,
+    find_layers,
     initializers,
     input_spec,
+    layer_parameters,
     load_model,
     pair_layer,
     with_outputs,
@@ -27,7 +27,7 @@ from onnxrepair.graph import (
 
 
 def test_find_dense_layers_in_float_model(float_model: onnx.ModelProto) -> None:
-    layers = find_dense_layers(float_model)
+    layers = find_layers(float_model)
     assert [layer.name for layer in layers] == ["/fc1/Gemm", "/fc2/Gemm"]
     fc1, fc2 = layers
     assert (fc1.op, fc1.n_in, fc1.n_out) == ("Gemm", 64, 24)
@@ -39,7 +39,7 @@ def test_find_dense_layers_in_float_model(float_model: onnx.ModelProto) -> None:
 
 
 def test_find_dense_layers_in_quant_model(quant_model: onnx.ModelProto) -> None:
-    layers = find_dense_layers(quant_model)
+    layers = find_layers(quant_model)
     assert [layer.name for layer in layers] == ["/fc1/Gemm", "/fc2/Gemm"]
     assert [(layer.n_in, layer.n_out) for layer in layers] == [(64, 24), (24, 10)]
     for layer in layers:
@@ -52,8 +52,8 @@ def test_find_dense_layers_in_quant_model(quant_model: onnx.ModelProto) -> None:
 
 
 def test_dense_parameters_of_quant_model_dequantize(quant_model: onnx.ModelProto) -> None:
-    fc1 = find_dense_layers(quant_model)[0]
-    w, b = dense_parameters(quant_model, fc1)
+    fc1 = find_layers(quant_model)[0]
+    w, b = layer_parameters(quant_model, fc1)
     inits = {k: numpy_helper.to_array(v) for k, v in initializers(quant_model).items()}
     q = inits["fc1.weight_quantized"].astype(np.float64)
     expected_w = (q - inits["fc1.weight_zero_point"].astype(np.float64)) * float(inits["fc1.weight_scale"])
@@ -64,9 +64,9 @@ def test_dense_parameters_of_quant_model_dequantize(quant_model: onnx.ModelProto
 
 
 def test_dense_parameters_close_to_float(float_model: onnx.ModelProto, quant_model: onnx.ModelProto) -> None:
-    for f_layer, q_layer in zip(find_dense_layers(float_model), find_dense_layers(quant_model), strict=True):
-        wf, bf = dense_parameters(float_model, f_layer)
-        wq, _ = dense_parameters(quant_model, q_layer)
+    for f_layer, q_layer in zip(find_layers(float_model), find_layers(quant_model), strict=True):
+        wf, bf = layer_parameters(float_model, f_layer)
+        wq, _ = layer_parameters(quant_model, q_layer)
         step = np.max(np.abs(wf)) / 7  # 4-bit symmetric: at most half a step away, and the step is max|w|/7
         assert np.max(np.abs(wf - wq)) <= step / 2 + 1e-6
         np.testing.assert_array_equal(bf, numpy_helper.to_array(initializers(float_model)[f_layer.bias.initializer]))
@@ -74,10 +74,10 @@ def test_dense_parameters_close_to_float(float_model: onnx.ModelProto, quant_mod
 
 def test_per_channel_axis(quant_variants: dict[str, QuantVariant]) -> None:
     model = onnx.load(str(quant_variants["digits-int8-per-channel"].quant_path))
-    fc1 = find_dense_layers(model)[0]
+    fc1 = find_layers(model)[0]
     assert fc1.weight.axis == 0
     assert describe_parameter(model, fc1.weight) == "int8 per-channel (axis 0)"
-    w, _ = dense_parameters(model, fc1)
+    w, _ = layer_parameters(model, fc1)
     inits = {k: numpy_helper.to_array(v).astype(np.float64) for k, v in initializers(model).items()}
     zero, scale = inits["fc1.weight_zero_point"][:, None], inits["fc1.weight_scale"][:, None]  # one per neuron
     expected = (inits["fc1.weight_quantized"] - zero) * scale
@@ -93,12 +93,12 @@ def matmul_add_model() -> tuple[onnx.ModelProto, np.ndarray, np.ndarray]:
 
 def test_matmul_add_is_a_dense_layer() -> None:
     model, w, b = matmul_add_model()
-    (layer,) = find_dense_layers(model)
+    (layer,) = find_layers(model)
     assert layer.name == "dense/MatMul" and layer.op == "MatMul+Add"
     assert (layer.n_in, layer.n_out) == (5, 3)
     assert layer.weight_transposed
     assert (layer.input_tensor, layer.output_tensor) == ("x", "y")
-    w_out_in, bias = dense_parameters(model, layer)
+    w_out_in, bias = layer_parameters(model, layer)
     assert w_out_in.shape == (3, 5)
     np.testing.assert_array_equal(w_out_in, w.T)
     np.testing.assert_array_equal(bias, b)
@@ -113,8 +113,8 @@ def test_matmul_add_with_bias_first() -> None:
     add = model.graph.node[1]
     add.input[:] = ["b", "mm"]  # Add(b, MatMul(...)) is the same layer
     check_full(model)
-    (layer,) = find_dense_layers(model)
-    np.testing.assert_array_equal(dense_parameters(model, layer)[1], b)
+    (layer,) = find_layers(model)
+    np.testing.assert_array_equal(layer_parameters(model, layer)[1], b)
 
 
 def test_matmul_without_add_is_a_layer_without_bias() -> None:
@@ -122,21 +122,21 @@ def test_matmul_without_add_is_a_layer_without_bias() -> None:
     del model.graph.node[1]
     model.graph.output[0].name = "mm"
     check_full(model)
-    (layer,) = find_dense_layers(model)
+    (layer,) = find_layers(model)
     assert (layer.op, layer.output_tensor, layer.bias) == ("MatMul", "mm", None)
-    w, b = dense_parameters(model, layer)
+    w, b = layer_parameters(model, layer)
     assert w.shape == (layer.n_out, layer.n_in) and not b.any()
 
 
 def test_matmul_add_quantized(quant_variants: dict[str, QuantVariant]) -> None:
     variant = quant_variants["matmul-int8-per-channel"]
     model = onnx.load(str(variant.quant_path))
-    (layer,) = find_dense_layers(model)
+    (layer,) = find_layers(model)
     assert layer.op == "MatMul+Add" and layer.quantized and layer.weight.axis == 1
     assert (layer.n_in, layer.n_out) == (6, 4)
-    w, b = dense_parameters(model, layer)
+    w, b = layer_parameters(model, layer)
     float_model = onnx.load(str(variant.float_path))
-    wf, bf = dense_parameters(float_model, find_dense_layers(float_model)[0])
+    wf, bf = layer_parameters(float_model, find_layers(float_model)[0])
     assert w.shape == wf.shape == (4, 6)
     # per output channel the int8 step is max|w_j| / 127: within half a step
     assert np.all(np.abs(w - wf) <= np.max(np.abs(wf), axis=1, keepdims=True) / 127 / 2 + 1e-6)
@@ -145,7 +145,7 @@ def test_matmul_add_quantized(quant_variants: dict[str, QuantVariant]) -> None:
 
 def test_gemm_with_alpha_is_left_out(float_model: onnx.ModelProto) -> None:
     float_model.graph.node[1].attribute.append(helper.make_attribute("alpha", 2.0))
-    assert [layer.name for layer in find_dense_layers(float_model)] == ["/fc2/Gemm"]
+    assert [layer.name for layer in find_layers(float_model)] == ["/fc2/Gemm"]
 
 
 def test_gemm_transb0_stores_in_out(float_model: onnx.ModelProto) -> None:
@@ -156,9 +156,9 @@ def test_gemm_transb0_stores_in_out(float_model: onnx.ModelProto) -> None:
     node = float_model.graph.node[3]
     del node.attribute[:]
     check_full(float_model)
-    fc2 = find_dense_layers(float_model)[1]
+    fc2 = find_layers(float_model)[1]
     assert fc2.weight_transposed and (fc2.n_in, fc2.n_out) == (24, 10)
-    np.testing.assert_array_equal(dense_parameters(float_model, fc2)[0], w)
+    np.testing.assert_array_equal(layer_parameters(float_model, fc2)[0], w)
 
 
 def test_pair_layer_by_name_and_default(float_model: onnx.ModelProto, quant_model: onnx.ModelProto) -> None:
@@ -236,7 +236,7 @@ def test_tapped_model_passes_the_checker(
     float_model: onnx.ModelProto, quant_model: onnx.ModelProto, which: str
 ) -> None:
     model = float_model if which == "float" else quant_model
-    layer = find_dense_layers(model)[0]
+    layer = find_layers(model)[0]
     tapped = with_outputs(model, [layer.input_tensor, layer.output_tensor])
     check_full(tapped)
 

@@ -13,7 +13,7 @@ from conftest import DigitsExample, check_full
 from onnxrepair.config import Encoding, Metric, RepairConfig, SolveConfig
 from onnxrepair.data import ImageSet
 from onnxrepair.errors import ModelPairingError
-from onnxrepair.graph import dense_parameters, initializers, pair_layer
+from onnxrepair.graph import initializers, layer_parameters, pair_layer
 from onnxrepair.localize import rank_neurons
 from onnxrepair.methods import read_layer_activity
 from onnxrepair.progress import NoProgress
@@ -65,8 +65,8 @@ def test_repair_result_is_consistent(
         assert solution.solved or solution.reason
 
     # Integer weights of unselected neurons are untouched; every changed row belongs to a repaired neuron.
-    w_before, b_before = dense_parameters(quant_model, outcome.pair.quant_layer)
-    w_after, b_after = dense_parameters(result.model, outcome.pair.quant_layer)
+    w_before, b_before = layer_parameters(quant_model, outcome.pair.quant_layer)
+    w_after, b_after = layer_parameters(result.model, outcome.pair.quant_layer)
     changed_rows = set(np.flatnonzero(np.any(w_before != w_after, axis=1)).tolist())
     assert changed_rows <= set(outcome.repaired_neurons)
     assert sum(outcome.rewrite.changed.values()) == int(np.count_nonzero(w_before != w_after))
@@ -84,7 +84,7 @@ def test_nothing_to_fix_changes_nothing(digits: DigitsExample) -> None:
     quant_model = onnx.load(str(digits.quant_path))
     pair = pair_layer(float_model, quant_model, None)
     activity = read_layer_activity(float_model, quant_model, pair, digits.x, 256, NoProgress())
-    w, b = dense_parameters(quant_model, pair.quant_layer)
+    w, b = layer_parameters(quant_model, pair.quant_layer)
     lp_pre = activity.quant_inputs.astype(np.float64) @ w.T + b  # what the LP sees
     margin = SolveConfig(encoding=Encoding.PAPER).resolved_margin
     agree = ~activation_flips(activity.float_pre, lp_pre).any(axis=1) & (np.abs(lp_pre).min(axis=1) > 2 * margin)

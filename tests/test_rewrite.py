@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from onnx import helper, numpy_helper
 
 from onnxrepair.errors import UnsupportedModelError
-from onnxrepair.graph import DenseLayer, QuantizedTensor, find_dense_layers, initializers, pair_layer
+from onnxrepair.graph import Layer, QuantizedTensor, find_layers, initializers, pair_layer
 from onnxrepair.rewrite import apply_deltas
 
 # variant -> the float-model name of the layer to patch (None: the last one)
@@ -26,13 +26,13 @@ CASES = {
 }
 
 
-def load_case(variant: QuantVariant, layer_name: str | None) -> tuple[onnx.ModelProto, DenseLayer]:
+def load_case(variant: QuantVariant, layer_name: str | None) -> tuple[onnx.ModelProto, Layer]:
     float_model = onnx.load(str(variant.float_path))
     quant_model = onnx.load(str(variant.quant_path))
     return quant_model, pair_layer(float_model, quant_model, layer_name).quant_layer
 
 
-def weights(model: onnx.ModelProto, layer: DenseLayer) -> tuple[np.ndarray, np.ndarray, onnx.TensorProto]:
+def weights(model: onnx.ModelProto, layer: Layer) -> tuple[np.ndarray, np.ndarray, onnx.TensorProto]:
     """(integer weights as int64 in [out, in] layout, scale per neuron [out], the initializer)."""
     assert isinstance(layer.weight, QuantizedTensor)
     inits = initializers(model)
@@ -159,7 +159,7 @@ def test_sub_step_deltas_round_away(quant_variants: dict[str, QuantVariant]) -> 
 
 
 def test_no_deltas_change_nothing(quant_model: onnx.ModelProto) -> None:
-    layer = find_dense_layers(quant_model)[-1]
+    layer = find_layers(quant_model)[-1]
     repaired, stats = apply_deltas(quant_model, layer, {})
     assert repaired is not quant_model
     assert repaired.SerializeToString() == quant_model.SerializeToString()
@@ -167,20 +167,20 @@ def test_no_deltas_change_nothing(quant_model: onnx.ModelProto) -> None:
 
 
 def test_zero_delta_changes_nothing(quant_model: onnx.ModelProto) -> None:
-    layer = find_dense_layers(quant_model)[-1]
+    layer = find_layers(quant_model)[-1]
     repaired, stats = apply_deltas(quant_model, layer, {n: np.zeros(layer.n_in) for n in range(layer.n_out)})
     assert initializers(repaired) == initializers(quant_model)
     assert all(v == 0 for v in stats.changed.values())
 
 
 def test_float_weights_are_refused(float_model: onnx.ModelProto) -> None:
-    layer = find_dense_layers(float_model)[-1]
+    layer = find_layers(float_model)[-1]
     with pytest.raises(UnsupportedModelError, match="not quantized"):
         apply_deltas(float_model, layer, {0: np.ones(layer.n_in)})
 
 
 def test_shared_weight_initializer_is_refused(quant_model: onnx.ModelProto) -> None:
-    layer = find_dense_layers(quant_model)[-1]
+    layer = find_layers(quant_model)[-1]
     assert isinstance(layer.weight, QuantizedTensor)
     extra = helper.make_node(
         "DequantizeLinear",
@@ -199,7 +199,7 @@ def test_unnamed_dequantize_node_is_rewritten(quant_model: onnx.ModelProto) -> N
         if node.op_type == "DequantizeLinear" and node.input[0] == "fc2.weight_quantized":
             node.name = ""
     check_full(quant_model)
-    layer = find_dense_layers(quant_model)[-1]
+    layer = find_layers(quant_model)[-1]
     q, scale, _ = weights(quant_model, layer)
     repaired, stats = apply_deltas(quant_model, layer, {0: np.full(layer.n_in, -scale[0])})
     lo, _ = integer_range(initializers(quant_model)["fc2.weight_quantized"])
@@ -207,7 +207,7 @@ def test_unnamed_dequantize_node_is_rewritten(quant_model: onnx.ModelProto) -> N
 
 
 @pytest.fixture(scope="module")
-def property_cases(quant_variants: dict[str, QuantVariant]) -> list[tuple[onnx.ModelProto, DenseLayer]]:
+def property_cases(quant_variants: dict[str, QuantVariant]) -> list[tuple[onnx.ModelProto, Layer]]:
     return [
         load_case(quant_variants["digits-int8-per-channel"], "/fc2/Gemm"),
         load_case(quant_variants["matmul-int8-per-channel"], None),
@@ -217,7 +217,7 @@ def property_cases(quant_variants: dict[str, QuantVariant]) -> list[tuple[onnx.M
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
-def test_rewrite_property(property_cases: list[tuple[onnx.ModelProto, DenseLayer]], data: st.DataObject) -> None:
+def test_rewrite_property(property_cases: list[tuple[onnx.ModelProto, Layer]], data: st.DataObject) -> None:
     model, layer = property_cases[data.draw(st.integers(0, len(property_cases) - 1), label="case")]
     before = model.SerializeToString()
     q, scale, tensor = weights(model, layer)
@@ -249,7 +249,7 @@ def test_rewrite_property(property_cases: list[tuple[onnx.ModelProto, DenseLayer
 
 def test_repaired_model_object_is_independent(quant_model: onnx.ModelProto) -> None:
     # Changing the result afterwards must not reach back into the input (a deep copy, not a view).
-    layer = find_dense_layers(quant_model)[-1]
+    layer = find_layers(quant_model)[-1]
     repaired, _ = apply_deltas(quant_model, layer, {})
     before = quant_model.SerializeToString()
     repaired.graph.node[0].name = "changed"

@@ -7,7 +7,7 @@ import onnx
 import pytest
 from conftest import DigitsExample, run_model
 
-from onnxrepair.graph import dense_parameters, initializers, pair_layer
+from onnxrepair.graph import initializers, layer_parameters, pair_layer
 from onnxrepair.methods import read_layer_activity
 from onnxrepair.progress import NoProgress
 from onnxrepair.spectrum import activation_flips, collect_spectrum, failing_mask
@@ -122,8 +122,8 @@ def test_read_layer_activity_matches_numpy(digits: DigitsExample, layer: str) ->
     np.testing.assert_allclose(activity.float_scores, logits, atol=1e-4)
 
     # Quantized model: the tapped pre-activation is the layer applied to the tapped input
-    # with the dequantized weights and bias that graph.dense_parameters reads.
-    w, b = dense_parameters(quant_model, pair.quant_layer)
+    # with the dequantized weights and bias that graph.layer_parameters reads.
+    w, b = layer_parameters(quant_model, pair.quant_layer)
     assert w.shape == (n_out, n_in)
     np.testing.assert_allclose(activity.quant_pre, activity.quant_inputs @ w.T + b, atol=1e-4)
     # ... and those are not simply the float values (the 4-bit model really differs).

@@ -14,7 +14,7 @@ from conftest import check_full, run_model
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxrepair.cli import main
-from onnxrepair.graph import find_dense_layers, rejected_layers
+from onnxrepair.graph import find_layers, rejected_layers
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -54,14 +54,14 @@ def conv_model(kernel: int, size: int, pads: int = 0, group: int = 1, pool: bool
 def test_conv_heads(options: dict, words: tuple[str, ...] | None) -> None:
     model = conv_model(**options)
     if words is None:
-        (layer,) = find_dense_layers(model)
+        (layer,) = find_layers(model)
         assert (layer.op, layer.n_in, layer.n_out) == ("Conv1x1", 4, 10)
         x = np.random.default_rng(1).normal(size=(3, 4, 1, 1)).astype(np.float32)
         (y,) = run_model(model, x)
         w = numpy_helper.to_array(model.graph.initializer[0]).reshape(10, 4)
         np.testing.assert_allclose(y, x.reshape(3, 4) @ w.T, rtol=1e-5, atol=1e-5)
         return
-    assert find_dense_layers(model) == []
+    assert find_layers(model) == []
     (rejected,) = rejected_layers(model)
     for word in words:
         assert word in rejected.describe()
@@ -144,7 +144,7 @@ def test_blocked_quantization_is_named() -> None:
     quant = onnx.load(str(FIXTURES / "torchscript.qdq_s8_tensor.onnx"))
     dq = next(n for n in quant.graph.node if n.name == "fc2.weight_DequantizeLinear")
     dq.attribute.append(helper.make_attribute("block_size", 8))
-    (layer,) = find_dense_layers(quant)  # fc1 only
+    (layer,) = find_layers(quant)  # fc1 only
     assert layer.name == "/fc1/Gemm"
     (rejected,) = rejected_layers(quant)
     assert rejected.name == "/fc2/Gemm" and "block_size=8" in rejected.reason

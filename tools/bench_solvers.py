@@ -19,7 +19,7 @@ import numpy as np
 
 from onnxrepair.config import Encoding, SolveConfig, SolverBackend
 from onnxrepair.data import load_image_folder, preprocessing_for_input
-from onnxrepair.graph import dense_parameters, input_spec, load_model, pair_layer
+from onnxrepair.graph import input_spec, layer_parameters, load_model, pair_layer
 from onnxrepair.repair import NoProgress, read_layer_activity
 from onnxrepair.solve import NeuronProblem, solve_neuron
 
@@ -44,7 +44,7 @@ def main() -> None:
     images = load_image_folder(args.images, preprocessing_for_input(spec.name, spec.shape))
     pair = pair_layer(float_model, quant_model, args.layer)
     activity = read_layer_activity(float_model, quant_model, pair, images.x, 256, NoProgress())
-    weights, bias = dense_parameters(quant_model, pair.quant_layer)
+    weights, bias = layer_parameters(quant_model, pair.quant_layer)
     n = pair.quant_layer.n_out if args.neurons == 0 else min(args.neurons, pair.quant_layer.n_out)
     problems = [
         NeuronProblem(

@@ -121,14 +121,14 @@ def compare_naive(cache: Path, sample: int, seed: int, time_limit: float) -> tup
 
     from onnxrepair.config import SolveConfig
     from onnxrepair.data import load_array_file
-    from onnxrepair.graph import find_dense_layers, input_spec, pair_layer
+    from onnxrepair.graph import find_layers, input_spec, pair_layer
     from onnxrepair.methods import layer_problems, read_layer_activity
     from onnxrepair.solve import solve_neuron
 
     float_model = onnx.load(str(cache / "float.onnx"))
     quant_model = onnx.load(str(cache / "quant.onnx"))
     images = load_array_file(cache / "repair.npy", input_spec(float_model).shape)
-    head = find_dense_layers(float_model)[-1].name
+    head = find_layers(float_model)[-1].name
     pair = pair_layer(float_model, quant_model, head)
     started = time.perf_counter()
     activity = read_layer_activity(float_model, quant_model, pair, images.x, 64)

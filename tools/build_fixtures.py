@@ -264,9 +264,9 @@ def quantize_flavour(float_path: Path, out_path: Path, flavour: str, calibration
     elif flavour == "qdq_float_out":
         options["OpTypesToExcludeOutputQuantization"] = ["Gemm", "MatMul", "Add", "Conv"]
     elif flavour == "qdq_head_excluded":
-        from onnxrepair.graph import find_dense_layers
+        from onnxrepair.graph import find_layers
 
-        exclude = [find_dense_layers(model)[-1].name]
+        exclude = [find_layers(model)[-1].name]
     elif flavour == "qop_s8":
         quant_format, options = QuantFormat.QOperator, {}
     elif flavour == "qop_s8_channel":

@@ -27,10 +27,13 @@ rebuilt output is rebuilt too):
   Gemm ``/_fc/Gemm`` (1280 -> 1000, transB=1).
 * ``quant.onnx``: ``quantize_static``, QDQ, per-channel, QUInt8 activations, QInt8 weights,
   reduce_range=True, MinMax calibration on 64 crops of the repair photos (crops not in repair.npy).
+* ``quant_s8s8_tensor.onnx``: the same but per-tensor, QInt8 activations and weights, reduce_range=False
+  (same calibration crops).
 * ``repair.npy`` / ``val.npy``: float32 [N,3,224,224] model-ready crops (RGB, (p/255 - 0.5)/0.5,
   NCHW), ``x`` only, i.e. unlabelled. Validation crops come from photos no repair crop comes from.
-* ``build.json``: photos per group, counts, seeds, versions, float vs quant top-1 agreement and
-  inference seconds per 1000 crops (onnxruntime, CPU, default session options).
+* ``build.json``: photos per group, counts, seeds, versions, float vs quant top-1 agreement (quant.onnx
+  at the top level of each split, quant_s8s8_tensor.onnx under its own key) and inference seconds per
+  1000 crops (onnxruntime, CPU, default session options).
 """
 
 from __future__ import annotations
@@ -94,6 +97,16 @@ CALIB_BATCH = 16
 EVAL_BATCH = 50
 CROP_SCALE = (0.3, 1.0)  # crop side as a fraction of the photo's shorter side
 VAL_EVERY = 3  # every third scene (after a seeded shuffle) goes to validation
+# The quantized models: file stem -> quantize_static settings (QDQ, MinMax, same calibration crops).
+QUANT_VARIANTS: dict[str, dict[str, Any]] = {
+    "quant": {"per_channel": True, "reduce_range": True, "activation_type": "QUInt8", "weight_type": "QInt8"},
+    "quant_s8s8_tensor": {
+        "per_channel": False,
+        "reduce_range": False,
+        "activation_type": "QInt8",
+        "weight_type": "QInt8",
+    },
+}
 # Independent random streams, all derived from --seed.
 STREAM_SPLIT, STREAM_REPAIR_CROPS, STREAM_VAL_CROPS = 0, 1, 2
 
@@ -299,7 +312,8 @@ class ArrayReader:
         self._i = 0
 
 
-def quantize(float_path: Path, path: Path, x_calib: np.ndarray) -> None:
+def quantize(float_path: Path, path: Path, x_calib: np.ndarray, variant: dict[str, Any]) -> None:
+    """quantize_static (QDQ, MinMax on x_calib) with one of QUANT_VARIANTS' settings."""
     require("onnxruntime")
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
@@ -309,10 +323,10 @@ def quantize(float_path: Path, path: Path, x_calib: np.ndarray) -> None:
             str(out),
             calibration_data_reader=ArrayReader(x_calib, CALIB_BATCH),
             quant_format=QuantFormat.QDQ,
-            per_channel=True,
-            reduce_range=True,
-            activation_type=QuantType.QUInt8,
-            weight_type=QuantType.QInt8,
+            per_channel=variant["per_channel"],
+            reduce_range=variant["reduce_range"],
+            activation_type=QuantType[variant["activation_type"]],
+            weight_type=QuantType[variant["weight_type"]],
             calibrate_method=CalibrationMethod.MinMax,
         )
 
@@ -410,26 +424,32 @@ def photo_top1(float_path: Path, photos: list[Photo]) -> dict[str, str]:
     return {p.name: f"{classes[best[i]]} ({probs[i, best[i]]:.2f})" for i, p in enumerate(photos)}
 
 
-def evaluate(float_path: Path, quant_path: Path, out: Path) -> dict:
-    """Float vs quant top-1 agreement and seconds per 1000 crops on val.npy and repair.npy."""
+def evaluate(float_path: Path, quant_paths: dict[str, Path], out: Path) -> dict:
+    """Float vs quant top-1 agreement and seconds per 1000 crops on val.npy and repair.npy.
+
+    ``quant_paths`` maps QUANT_VARIANTS' stems to files; "quant" keeps the top-level keys of each split
+    (top1_agreement, disagreeing), every other variant gets its own {top1_agreement, disagreeing}."""
     result: dict[str, Any] = {}
     for split in ("val", "repair"):
         x = np.load(out / f"{split}.npy")
         lf, tf = run_logits(float_path, x)
-        lq, tq = run_logits(quant_path, x)
-        agree = float((lf.argmax(1) == lq.argmax(1)).mean())
-        result[split] = {
-            "n": len(x),
-            "top1_agreement": round(agree, 4),
-            "disagreeing": int((lf.argmax(1) != lq.argmax(1)).sum()),
-            "distinct_float_top1": int(len(np.unique(lf.argmax(1)))),
-            "seconds_per_1000": {"float": round(tf * 1000 / len(x), 2), "quant": round(tq * 1000 / len(x), 2)},
-        }
-        print(
-            f"  {split}: agreement {agree:.4f} ({result[split]['disagreeing']}/{len(x)} differ); "
-            f"s/1000 crops float {tf * 1000 / len(x):.2f}, quant {tq * 1000 / len(x):.2f}",
-            flush=True,
-        )
+        seconds = {"float": round(tf * 1000 / len(x), 2)}
+        result[split] = {"n": len(x), "distinct_float_top1": int(len(np.unique(lf.argmax(1))))}
+        for name, quant_path in quant_paths.items():
+            lq, tq = run_logits(quant_path, x)
+            agree = float((lf.argmax(1) == lq.argmax(1)).mean())
+            numbers = {"top1_agreement": round(agree, 4), "disagreeing": int((lf.argmax(1) != lq.argmax(1)).sum())}
+            if name == "quant":
+                result[split].update(numbers)
+            else:
+                result[split][name] = numbers
+            seconds[name] = round(tq * 1000 / len(x), 2)
+            print(
+                f"  {split} {name}: agreement {agree:.4f} ({numbers['disagreeing']}/{len(x)} differ); "
+                f"s/1000 crops float {tf * 1000 / len(x):.2f}, {name} {tq * 1000 / len(x):.2f}",
+                flush=True,
+            )
+        result[split]["seconds_per_1000"] = seconds
     return result
 
 
@@ -477,7 +497,9 @@ def step(label: str, timings: dict[str, float]) -> Iterator[None]:
 def build(args: argparse.Namespace) -> None:
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
-    float_path, quant_path, info_path = out / "float.onnx", out / "quant.onnx", out / "build.json"
+    float_path, info_path = out / "float.onnx", out / "build.json"
+    quant_paths = {name: out / f"{name}.onnx" for name in QUANT_VARIANTS}
+    quant_path = quant_paths["quant"]
     timings: dict[str, float] = {}
     t_start = time.perf_counter()
 
@@ -498,19 +520,25 @@ def build(args: argparse.Namespace) -> None:
     head = describe_head(float_path)
     print(f"head: {head['name']} {head['fed_by']} -> Gemm, weight {head['weight']}, bias {head['bias']}", flush=True)
 
-    quant_rebuilt = float_rebuilt or not quant_path.is_file()
-    if quant_rebuilt:
-        with step("quantize quant.onnx", timings):
-            quantize(float_path, quant_path, crops["calib"])
+    quant_rebuilt = False
+    for name, path in quant_paths.items():
+        if float_rebuilt or not path.is_file():
+            with step(f"quantize {path.name}", timings):
+                quantize(float_path, path, crops["calib"], QUANT_VARIANTS[name])
+            quant_rebuilt = True
     head.update(check_quant_head(quant_path, head["name"]))
     print(f"quant head: weight {head['weight']}, bias {head['bias']}", flush=True)
     print(f"nodes: float {head['nodes_float']}, quant {head['nodes_quant']}", flush=True)
+    for name, path in quant_paths.items():
+        if name != "quant":
+            head[name] = check_quant_head(path, head["name"])
+            print(f"{name} head: weight {head[name]['weight']}, nodes {head[name]['nodes_quant']}", flush=True)
 
     if not (args.force or data_rebuilt or quant_rebuilt or not info_path.is_file()):
         print(f"{info_path} is up to date (use --force to rebuild)")
         return
     with step("evaluate", timings):
-        evaluation = evaluate(float_path, quant_path, out)
+        evaluation = evaluate(float_path, quant_paths, out)
         top1 = photo_top1(float_path, photos)
     info = {
         "seed": args.seed,
@@ -526,11 +554,12 @@ def build(args: argparse.Namespace) -> None:
             "preprocess": "RGB, (p/255 - 0.5)/0.5, NCHW float32",
             "assignment": "crop i from photo i mod n_photos of its group; calibration = first 64 repair-stream crops",
         },
+        "quantization": QUANT_VARIANTS,
         "head": head,
         "evaluation": evaluation,
         "float_top1_on_centre_crops": top1,
         "files_bytes": {
-            f.name: f.stat().st_size for f in (float_path, quant_path, out / "repair.npy", out / "val.npy")
+            f.name: f.stat().st_size for f in (float_path, *quant_paths.values(), out / "repair.npy", out / "val.npy")
         },
         "build_seconds": {**timings, "total": round(time.perf_counter() - t_start, 1)},
         "versions": versions(),
