@@ -26,6 +26,7 @@ from rich.markup import escape
 
 from onnxrepair import __version__
 from onnxrepair.config import (
+    ALL_NEURONS,
     LOGIT_MARGIN,
     SIGN_MARGIN,
     Encoding,
@@ -65,7 +66,14 @@ from onnxrepair.inspection import inspect_models
 from onnxrepair.parallel import available_cores
 from onnxrepair.plot import plot_importance
 from onnxrepair.quantize import CALIBRATIONS, WEIGHT_TYPES, QuantizeConfig, quantize
-from onnxrepair.repair import list_layers, repair, resolve_layers, score_model
+from onnxrepair.repair import (
+    WHOLE_LAYER_ENCODINGS,
+    default_encoding,
+    list_layers,
+    repair,
+    resolve_layers,
+    score_model,
+)
 from onnxrepair.report import (
     RichProgress,
     inspection_dict,
@@ -82,7 +90,7 @@ logger = logging.getLogger(__name__)
 
 _N = TypeVar("_N", int, float)
 
-DEFAULT_ENCODING = SolveConfig.encoding
+DEFAULT_NEURONS = 10
 
 EXIT_OK = 0
 EXIT_NOTHING_BETTER = 1
@@ -187,17 +195,29 @@ def build_parser() -> argparse.ArgumentParser:
         "--layer",
         action="append",
         default=[],
-        help="float-model node name of a dense layer to repair; repeat it to repair several in order, "
-        "or give last:K for the last K dense layers (default: the last one)",
+        help="float-model node name of a layer (dense or convolution) to repair; repeat it to repair several, "
+        "or give all, first:K or last:K; layers are repaired in graph order (default: the last layer)",
     )
-    fix.add_argument("--layers", help="comma-separated layer names or last:K; the same as repeated --layer")
+    fix.add_argument("--layers", help="comma-separated layer names, all, first:K or last:K; the same as --layer")
     fix.add_argument(
         "--metric",
         choices=[m.value for m in Metric],
         default=Metric.EUCLID.value,
         help="neuron ranking (default: euclid)",
     )
-    fix.add_argument("--neurons", type=_positive_int, default=10, help="how many neurons to repair (default: 10)")
+    fix.add_argument(
+        "--neurons",
+        type=_positive_int,
+        help="how many neurons (channels) of each layer to repair (default: all with reconstruct and "
+        f"bias-correction, {DEFAULT_NEURONS} otherwise)",
+    )
+    fix.add_argument(
+        "--positions-per-image",
+        type=_positive_int,
+        default=RepairConfig.positions_per_image,
+        help="output positions of a convolution sampled per image as rows (default: %(default)d; smaller maps "
+        "give all theirs)",
+    )
     split = fix.add_mutually_exclusive_group()
     split.add_argument("--val", type=Path, help="separate validation folder or .npz (default: hold out part of IMAGES)")
     split.add_argument("--val-fraction", type=_fraction, default=0.2, help="share of IMAGES held out (default: 0.2)")
@@ -209,8 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
     repair_group.add_argument(
         "--encoding",
         choices=[e.value for e in Encoding],
-        default=DEFAULT_ENCODING.value,
-        help="how the repair is solved (default: %(default)s); see README, 'Encodings'",
+        help="how the repair is solved (default: soft for one dense layer, reconstruct for convolutions and "
+        "several layers); see README, 'Encodings'",
     )
     repair_group.add_argument(
         "--objective",
@@ -267,7 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="solve each neuron's textbook full program (every row, the L1 norm through auxiliary rows) instead "
         "of the structured one: the same optimum, slower; for benchmarks",
     )
-    search_group = fix.add_argument_group("guarded search")
+    search_group = fix.add_argument_group("guarded search and held-out guard")
     search_group.add_argument(
         "--search",
         action="store_true",
@@ -283,8 +303,15 @@ def build_parser() -> argparse.ArgumentParser:
     search_group.add_argument(
         "--holdout-fraction",
         type=_fraction,
-        default=SearchConfig.holdout_fraction,
-        help="share of the repair images the search scores on (default: %(default)g)",
+        default=RepairConfig.holdout_fraction,
+        help="share of the repair images the search or the guard scores on, never solved on (default: %(default)g)",
+    )
+    search_group.add_argument(
+        "--guard",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="score each repaired layer on the held-out images, roll back a layer that does not help there, and "
+        "write a model only if it beats QUANT there (exit 1 otherwise) (default: on when several layers are repaired)",
     )
     search_group.add_argument(
         "--confirm-folds",
@@ -419,8 +446,10 @@ def run_fix(args: argparse.Namespace, console: Console) -> int:
         print_layers(console, list_layers(float_model, quant_model), rejected_layers(float_model))
         return EXIT_OK
     layer_specs = tuple(args.layer) + tuple(n.strip() for n in (args.layers or "").split(",") if n.strip())
-    for name in resolve_layers(float_model, layer_specs):  # a wrong --layer fails now, not after loading images
-        pair_layer(float_model, quant_model, name)
+    # a wrong --layer fails now, not after loading images
+    pairs = [pair_layer(float_model, quant_model, name) for name in resolve_layers(float_model, layer_specs)]
+    encoding = Encoding(args.encoding) if args.encoding else default_encoding([p.float_layer for p in pairs])
+    neurons = args.neurons or (ALL_NEURONS if encoding in WHOLE_LAYER_ENCODINGS else DEFAULT_NEURONS)
     if args.images is None:
         raise DataError("IMAGES is missing: give a folder of class subfolders or a .npz file (or use --list-layers)")
     paths = FixPaths(
@@ -443,12 +472,12 @@ def run_fix(args: argparse.Namespace, console: Console) -> int:
     config = RepairConfig(
         layers=layer_specs,
         metric=Metric(args.metric),
-        neurons=args.neurons,
+        neurons=neurons,
         val_fraction=args.val_fraction,
         seed=args.seed,
         batch_size=args.batch_size or default_batch_size(input_spec(float_model).shape),
         solve=SolveConfig(
-            encoding=Encoding(args.encoding),
+            encoding=encoding,
             objective=Objective(args.objective) if args.objective else None,
             repair_bias=args.repair_bias,
             margin=args.margin,
@@ -459,9 +488,11 @@ def run_fix(args: argparse.Namespace, console: Console) -> int:
         ),
         jobs=args.jobs,
         providers=tuple(select_providers(args.provider)),
+        holdout_fraction=args.holdout_fraction,
+        guard=args.guard,
+        positions_per_image=args.positions_per_image,
         search=SearchConfig(
             budget=args.budget,
-            holdout_fraction=args.holdout_fraction,
             confirm_folds=args.confirm_folds,
             confidence=args.confidence,
         )

@@ -31,6 +31,7 @@ class Encoding(str, enum.Enum):
     INTEGER = "integer"  # soft, in whole quantization steps: what is solved is what is written
     LOGIT = "logit"  # output layer only: class scores, jointly over the selected neurons
     BIAS_CORRECTION = "bias-correction"  # no solver: shift each bias by the mean float-minus-quant gap
+    RECONSTRUCT = "reconstruct"  # least squares to the float pre-activation, rounded, checked on held-out rows
 
     @property
     def soft(self) -> bool:
@@ -115,8 +116,6 @@ class SearchConfig:
 
     Attributes:
         budget: seconds after which the search stops with the best model so far.
-        holdout_fraction: share of the repair images kept aside to score each
-            configuration (never the validation set, never used to solve).
         neuron_counts: the values of N tried ("all neurons" is always tried).
         confirm_folds: before a model is written, the kept methods are
             cross-validated over the whole repair set with this many folds
@@ -126,10 +125,15 @@ class SearchConfig:
     """
 
     budget: float = 300.0
-    holdout_fraction: float = 0.25
     neuron_counts: tuple[int, ...] = (1, 5, 10, 20, 50, 100)
     confirm_folds: int = 4
     confidence: float = 0.95
+
+
+ALL_NEURONS = 2**31 - 1  # `neurons` for "every neuron of the layer"
+# Output positions of a convolution kept as rows per image (all of them on smaller maps). Measured in
+# docs/BENCHMARKS.md ("Positions per image").
+DEFAULT_POSITIONS_PER_IMAGE = 64
 
 
 @dataclass(frozen=True)
@@ -137,19 +141,28 @@ class RepairConfig:
     """Options of one repair run that do not name files.
 
     Attributes:
-        layers: float-model node names of the dense layers to repair, in order;
-            empty picks the last dense layer.
+        layers: float-model node names of the layers to repair, in order, or
+            "all", "first:K", "last:K"; empty picks the last layer.
         metric: how neurons are ranked.
-        neurons: how many of the top-ranked neurons to repair.
+        neurons: how many of the top-ranked neurons (channels) to repair;
+            ALL_NEURONS for every one.
         val_fraction: share of the images held out for validation when no
             separate validation folder is given (stratified by class).
-        seed: seeds the splits and the random metric.
+        seed: seeds the splits, the sampled positions and the random metric.
         batch_size: images per ONNX Runtime run.
         solve: solver options.
         search: when set, search configurations instead of applying `solve` once.
         jobs: processes that solve neurons in parallel (1: all in this process).
         providers: ONNX Runtime execution providers, in order of preference;
             empty: CUDA when this onnxruntime has it, then CPU.
+        holdout_fraction: share of the repair images kept aside to score
+            candidates (--search) or to guard each layer (`guard`); never the
+            validation set, never given to a solver.
+        guard: score every repaired layer on the held-out images, roll back a
+            layer that does not help there, and return no model unless the
+            result beats QUANT there; None: on when several layers are repaired.
+        positions_per_image: output positions of a convolution taken as rows per
+            image (all of them on smaller maps).
     """
 
     layers: tuple[str, ...] = ()
@@ -162,3 +175,12 @@ class RepairConfig:
     search: SearchConfig | None = None
     jobs: int = 1
     providers: tuple[str, ...] = ()
+    holdout_fraction: float = 0.25
+    guard: bool | None = None
+    positions_per_image: int = DEFAULT_POSITIONS_PER_IMAGE
+
+    def guarded(self, layers: int) -> bool:
+        """Whether the held-out guard runs for a repair of `layers` layers (never with --search, which has its own)."""
+        if self.search is not None:
+            return False
+        return layers > 1 if self.guard is None else self.guard

@@ -1,6 +1,6 @@
 """ONNX graph surgery: load and check models, pair float and quantized layers, read parameters, tap tensors.
 
-What a dense layer is, in each exporter's and quantizer's form, is layers.py;
+What a layer is (dense or convolution), in each exporter's and quantizer's form, is layers.py;
 this module pairs a FLOAT layer with its QUANT twin (by node name, by ONNX
 Runtime's derived names '<name>_quant', or by position), reads parameters as
 arrays (dequantized; a 1x1 Conv's [out, in, 1, 1] as [out, in]), gives their
@@ -207,11 +207,20 @@ def _rejections_text(rejected: list[RejectedLayer], limit: int = 4) -> str:
     return shown + more
 
 
+def names_text(names: list[str], limit: int = 8) -> str:
+    """Layer names for a message: all of a few, or the first and last ones of many."""
+    if len(names) <= limit:
+        return str(names)
+    half = limit // 2
+    shown = ", ".join(repr(n) for n in (*names[:half], "...", *names[-half:]))
+    return f"[{shown}] ({len(names)} in all; fix --list-layers shows them)".replace("'...'", "...")
+
+
 def pair_layer(float_model: onnx.ModelProto, quant_model: onnx.ModelProto, name: str | None) -> LayerPair:
-    """Find the float layer called `name` (default: the last dense layer) and its QDQ twin.
+    """Find the float layer called `name` (default: the last layer) and its QDQ twin.
 
     Pairs by node name first; when the quantizer renamed nodes, by position among
-    the dense layers, provided the weight shapes agree.
+    the layers, provided the weight shapes agree.
 
     Raises:
         ModelPairingError: no such layer, or no matching layer in QUANT.
@@ -223,7 +232,7 @@ def pair_layer(float_model: onnx.ModelProto, quant_model: onnx.ModelProto, name:
         rejected = rejected_layers(float_model)
         why = f"; not repairable: {_rejections_text(rejected)}" if rejected else ""
         raise UnsupportedModelError(
-            "FLOAT has no dense layer (Gemm, MatMul [+ Add], or a 1x1 Conv over a 1x1 map, with constant weights)" + why
+            "FLOAT has no repairable layer (Gemm, MatMul [+ Add] or a 2-D Conv, with constant weights)" + why
         )
     if name is None:
         position = len(float_layers) - 1
@@ -232,8 +241,8 @@ def pair_layer(float_model: onnx.ModelProto, quant_model: onnx.ModelProto, name:
         if name not in names:
             rejected = [r for r in rejected_layers(float_model) if r.name == name]
             if rejected:
-                raise UnsupportedModelError(f"FLOAT layer {rejected[0].describe()}; the dense layers are {names}")
-            raise ModelPairingError(f"FLOAT has no dense layer named '{name}'; its dense layers are {names}")
+                raise UnsupportedModelError(f"FLOAT layer {rejected[0].describe()}; the layers are {names_text(names)}")
+            raise ModelPairingError(f"FLOAT has no layer named '{name}'; its layers are {names_text(names)}")
         position = names.index(name)
     float_layer = float_layers[position]
     by_name = [q for q in quant_layers if q.name == float_layer.name] or [
@@ -256,8 +265,13 @@ def pair_layer(float_model: onnx.ModelProto, quant_model: onnx.ModelProto, name:
         why = f"; QUANT nodes onnxrepair cannot read: {_rejections_text(rejected, 2)}" if rejected else ""
         error = UnsupportedModelError if rejected else ModelPairingError
         raise error(
-            f"QUANT has no dense layer named '{float_layer.name}', and its {len(quant_layers)} dense "
+            f"QUANT has no layer named '{float_layer.name}', and its {len(quant_layers)} "
             f"layer(s) cannot be matched by position with FLOAT's {len(float_layers)}{why}"
+        )
+    if quant_layer.conv != float_layer.conv:
+        raise ModelPairingError(
+            f"layer '{float_layer.name}' is {float_layer.kind} in FLOAT but '{quant_layer.name}' is "
+            f"{quant_layer.kind} in QUANT"
         )
     if (quant_layer.n_in, quant_layer.n_out) != (float_layer.n_in, float_layer.n_out):
         raise ModelPairingError(
@@ -353,8 +367,12 @@ def parameter_value(inits: dict[str, onnx.TensorProto], param: Parameter) -> NDA
 
 
 def as_matrix(values: NDArray) -> NDArray:
-    """A weight as its 2-D matrix: a 1x1 Conv's [out, in, 1, 1] becomes [out, in]; 2-D stays as it is."""
-    return values.reshape(values.shape[0], values.shape[1]) if values.ndim == 4 else values
+    """A weight as its 2-D matrix: a convolution's [out, in / group, kh, kw] becomes [out, in / group * kh * kw].
+
+    Columns follow the convolution's patch layout (input channel, then kernel row, then kernel column); 2-D
+    stays as it is.
+    """
+    return values.reshape(values.shape[0], -1) if values.ndim > 2 else values
 
 
 def describe_parameter(model: onnx.ModelProto, param: Parameter) -> str:

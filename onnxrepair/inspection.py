@@ -33,15 +33,15 @@ import numpy as np
 import onnx
 from numpy.typing import NDArray
 
+from onnxrepair.activity import LayerActivity, read_layer_activity
 from onnxrepair.config import Metric
 from onnxrepair.data import ImageSet
 from onnxrepair.errors import UnsupportedModelError
 from onnxrepair.localize import rank_neurons, suspiciousness
-from onnxrepair.methods import LayerActivity, read_layer_activity
 from onnxrepair.progress import NoProgress, Progress
 from onnxrepair.repair import LayerRow, list_layers
 from onnxrepair.runtime import make_session, output_name, run_batched
-from onnxrepair.spectrum import activation_flips, collect_spectrum, failing_mask
+from onnxrepair.spectrum import activation_flips, collect_spectrum, failing_mask, sqnr_db
 
 logger = logging.getLogger(__name__)
 
@@ -103,15 +103,6 @@ class Inspection:
     recommendation: str
 
 
-def sqnr_db(reference: NDArray, noisy: NDArray) -> float:
-    """20 log10(|reference| / |reference - noisy|), norms floored at float eps as ORT's qdq_loss_debug does."""
-    eps = float(np.finfo(float).eps)
-    reference64, noisy64 = np.asarray(reference, np.float64).ravel(), np.asarray(noisy, np.float64).ravel()
-    signal = max(float(np.linalg.norm(reference64)), eps)
-    noise = max(float(np.linalg.norm(reference64 - noisy64)), eps)
-    return 20 * math.log10(signal / noise)
-
-
 def inspect_models(
     float_model: onnx.ModelProto,
     quant_model: onnx.ModelProto,
@@ -122,30 +113,31 @@ def inspect_models(
     top: int = 5,
     seed: int = 0,
 ) -> Inspection:
-    """Measure every dense layer of FLOAT against QUANT on `images`."""
+    """Measure every layer of FLOAT against QUANT on `images` (a convolution at sampled output positions)."""
     progress = progress or NoProgress()
     rows = list_layers(float_model, quant_model)
     paired = [row for row in rows if row.pair is not None]
-    logger.info("reading %d dense layers of FLOAT and QUANT on %d images", len(paired), len(images))
+    logger.info("reading %d layers of FLOAT and QUANT on %d images", len(paired), len(images))
     # each layer is read as fix reads it (integer operators through added DequantizeLinear nodes, fused Relus
-    # through Q's accumulator), one pass of both models per layer
-    activities: dict[str, LayerActivity] = {}
-    for index, row in enumerate(rows):
-        if row.pair is None:
-            continue
-        try:
-            activities[row.layer.name] = read_layer_activity(
-                float_model, quant_model, row.pair, images.x, batch_size, progress, providers=providers
-            )
-        except UnsupportedModelError as exc:  # e.g. a layer over [N, tokens, features]: that layer only
-            rows[index] = dataclasses.replace(row, pair=None, reason=str(exc))
-    if activities:
-        first = next(iter(activities.values()))
-        float_scores, quant_scores = first.float_scores, first.quant_scores
-    else:
-        float_scores, quant_scores = _scores(float_model, quant_model, images, batch_size, providers, progress)
+    # through Q's accumulator), one pass of both models per layer; only its measures are kept
+    layers: list[LayerInspection] = []
+    scores: tuple[NDArray[np.float32], NDArray[np.float32]] | None = None
+    for row in rows:
+        activity = None
+        if row.pair is not None:
+            try:
+                activity = read_layer_activity(
+                    float_model, quant_model, row.pair, images.x, batch_size, progress, providers=providers, seed=seed
+                )
+            except UnsupportedModelError as exc:  # e.g. a layer over [N, tokens, features]: that layer only
+                row = dataclasses.replace(row, pair=None, reason=str(exc))
+        if activity is not None and scores is None:
+            scores = activity.float_scores, activity.quant_scores
+        layers.append(_inspect_layer(row, activity, top, seed))
+    if scores is None:
+        scores = _scores(float_model, quant_model, images, batch_size, providers, progress)
+    float_scores, quant_scores = scores
     failing = failing_mask(float_scores, quant_scores)
-    layers = [_inspect_layer(row, activities.get(row.layer.name), failing, top, seed) for row in rows]
     accuracies = [
         None if images.labels is None else float(np.mean(np.argmax(s, axis=1) == images.labels))
         for s in (float_scores, quant_scores)
@@ -182,15 +174,14 @@ def _scores(
     return scores[0], scores[1]
 
 
-def _inspect_layer(
-    row: LayerRow, activity: LayerActivity | None, failing: NDArray[np.bool_], top: int, seed: int
-) -> LayerInspection:
+def _inspect_layer(row: LayerRow, activity: LayerActivity | None, top: int, seed: int) -> LayerInspection:
     layer = row.layer
     base = LayerInspection(layer.name, layer.op, layer.n_in, layer.n_out, "", row.weights, row.reason)
     if row.pair is None or activity is None:
         return base
     float_pre, quant_pre = activity.float_pre, activity.quant_pre
     flips = activation_flips(float_pre, quant_pre)
+    failing = activity.failing_rows()
     spectrum = collect_spectrum(failing, flips)
     top_neurons = {
         metric.value: rank_neurons(suspiciousness(spectrum, metric, seed))[:top].tolist()

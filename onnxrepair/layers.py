@@ -1,7 +1,11 @@
-"""What a dense layer is, in every form an exporter or ONNX Runtime's quantizer writes, and why a node is not one.
+"""What a repairable layer is, in every form an exporter or ONNX Runtime's quantizer writes, and why a node is not one.
 
-A dense layer is ``y = x @ W^T + b`` with x of shape [N, in] and y of shape
-[N, out], written as one of:
+A layer is a linear map from *rows* to *channels* (DESIGN.md). A dense layer
+is ``y = x @ W^T + b`` with x of shape [N, in] and y of shape [N, out]: one row
+per input. A 2-D convolution is the same map applied to every patch (kernel
+window x the input channels of a group) of its input: one row per (input,
+output position), one channel per output channel. Dense layers are written as
+one of:
 
     Gemm(x, W, b)                      (transB=1: W stored [out, in]; transB=0: [in, out])
     Add(MatMul(x, W), b)               (W stored [in, out]; skl2onnx, dynamo exports)
@@ -15,15 +19,15 @@ before the Add:
     W_q -> DQ ---> Gemm -> [Q -> DQ] -> ...        MatMul -> Q -> DQ -> Add <- DQ <- b_q
     b_q -> DQ --/
 
-Two more forms are dense layers too:
-
-    Conv(x, W, b) with a 1x1 kernel over a 1x1 feature map   (W stored [out, in, 1, 1]; MobileNetV2-style heads)
-
-and the integer-operator formats ONNX Runtime writes, whose activations are
-integers between layers (QOperator) or quantized on the fly (dynamic):
+Convolutions are ``Conv(x, W, b)`` with W stored [out, in / group, kh, kw]
+(any kernel, strides, pads or auto_pad, dilations and group; `ConvGeometry`),
+read as the matrix [out, in / group * kh * kw]. The integer-operator formats
+ONNX Runtime writes, whose activations are integers between layers
+(QOperator) or quantized on the fly (dynamic), are layers too:
 
     QGemm / QLinearMatMul [-> QLinearAdd(b)] / QLinearConv     x_q, y_q: integer tensors with their scale and zero point
     DynamicQuantizeLinear(x) -> MatMulInteger(x_q, W_q) -> Cast -> Mul(scale_x * scale_W) [-> Add(b)]
+    DynamicQuantizeLinear(x) -> ConvInteger(x_q, W_q) -> Cast -> Mul(scale_x * scale_W) [-> Add(Reshape(b))]
 
 For those the layer records how x and y are encoded (`IntegerTensor`;
 graph.tap_layer reads them as real numbers). Every node of a layer-like op
@@ -109,22 +113,82 @@ Parameter = FloatTensor | QuantizedTensor
 
 
 @dataclass(frozen=True)
+class ConvGeometry:
+    """Where a 2-D convolution's output positions look in its input (ONNX Conv attributes, 2-D).
+
+    Attributes:
+        kernel: (kh, kw).
+        strides, dilations: (along H, along W).
+        pads: (top, left, bottom, right), used when auto_pad is NOTSET.
+        auto_pad: NOTSET, VALID, SAME_UPPER or SAME_LOWER (resolved for an input size by `padding`).
+        group: input and output channels are split into this many groups; output
+            channel j reads only the input channels of group j // (out / group).
+        in_channels: the input's channels (all groups).
+    """
+
+    kernel: tuple[int, int]
+    strides: tuple[int, int] = (1, 1)
+    pads: tuple[int, int, int, int] = (0, 0, 0, 0)
+    dilations: tuple[int, int] = (1, 1)
+    group: int = 1
+    in_channels: int = 1
+    auto_pad: str = "NOTSET"
+
+    def padding(self, height: int, width: int) -> tuple[int, int, int, int]:
+        """(top, left, bottom, right) zero padding for an input of height x width."""
+        if self.auto_pad in ("NOTSET", ""):
+            return self.pads
+        if self.auto_pad == "VALID":
+            return (0, 0, 0, 0)
+        begin_end = []
+        for size, k, s, d in zip((height, width), self.kernel, self.strides, self.dilations, strict=True):
+            out = -(-size // s)  # ceil
+            total = max(0, (out - 1) * s + (k - 1) * d + 1 - size)
+            small, large = total // 2, total - total // 2
+            begin_end.append((small, large) if self.auto_pad == "SAME_UPPER" else (large, small))
+        (top, bottom), (left, right) = begin_end
+        return (top, left, bottom, right)
+
+    def output_size(self, height: int, width: int) -> tuple[int, int]:
+        top, left, bottom, right = self.padding(height, width)
+        sizes = []
+        for size, before, after, k, s, d in zip(
+            (height, width), (top, left), (bottom, right), self.kernel, self.strides, self.dilations, strict=True
+        ):
+            sizes.append((size + before + after - (k - 1) * d - 1) // s + 1)
+        return sizes[0], sizes[1]
+
+    def describe(self) -> str:
+        """E.g. "3x3/2 g32" (kernel, stride when not 1, groups when more than one)."""
+        text = f"{self.kernel[0]}x{self.kernel[1]}"
+        if self.strides != (1, 1):
+            text += f"/{self.strides[0]}" if self.strides[0] == self.strides[1] else f"/{self.strides}"
+        if self.dilations != (1, 1):
+            text += f" d{self.dilations[0]}" if self.dilations[0] == self.dilations[1] else f" d{self.dilations}"
+        if self.group > 1:
+            text += " dw" if self.group == self.in_channels else f" g{self.group}"
+        return text
+
+
+@dataclass(frozen=True)
 class Layer:
-    """One repairable dense layer of a model.
+    """One repairable layer of a model: dense, or a 2-D convolution.
 
     Attributes:
         name: the node name of the Gemm, MatMul or Conv (what ``--layer`` takes).
-        op: "Gemm", "MatMul+Add", "MatMul", "Conv1x1", or the integer operator
-            ("QGemm", "QLinearMatMul+QLinearAdd", "QLinearConv1x1", "MatMulInteger+Add"...).
-        input_tensor: the layer input x, [N, in] (a 1x1 Conv's [N, in, 1, 1]).
-        output_tensor: the pre-activation output y, [N, out].
+        op: "Gemm", "MatMul+Add", "MatMul", "Conv", or the integer operator
+            ("QGemm", "QLinearMatMul+QLinearAdd", "QLinearConv", "MatMulInteger+Add", "ConvInteger+Add"...).
+        input_tensor: the layer input x, [N, in] (a convolution's [N, C, H, W]).
+        output_tensor: the pre-activation output y, [N, out] ([N, out, H', W']).
         weight: where W is stored.
         weight_transposed: True when W is stored [in, out] rather than [out, in]
-            (a Conv's [out, in, 1, 1] counts as [out, in]).
+            (a convolution's [out, in / group, kh, kw] counts as [out, n_in]).
         bias: where b is stored, or None for a layer without bias.
-        n_in, n_out: the layer's fan-in and number of neurons.
+        n_in: the fan-in of one channel (a convolution's in / group * kh * kw).
+        n_out: the layer's neurons (output channels).
         input_encoding, output_encoding: how x and y are stored when they are
             integer tensors (integer-operator formats); None for float tensors.
+        conv: the convolution's geometry; None for a dense layer.
     """
 
     name: str
@@ -138,10 +202,30 @@ class Layer:
     n_out: int
     input_encoding: IntegerTensor | None = None
     output_encoding: IntegerTensor | None = None
+    conv: ConvGeometry | None = None
 
     @property
     def quantized(self) -> bool:
         return isinstance(self.weight, QuantizedTensor)
+
+    @property
+    def groups(self) -> int:
+        return 1 if self.conv is None else self.conv.group
+
+    @property
+    def row_width(self) -> int:
+        """Values in one row: every group's inputs (a convolution's in * kh * kw)."""
+        return self.n_in * self.groups
+
+    def columns(self, channel: int) -> slice:
+        """The columns of a row that `channel` reads: its group's (all of them for a dense layer)."""
+        group = channel // (self.n_out // self.groups)
+        return slice(group * self.n_in, (group + 1) * self.n_in)
+
+    @property
+    def kind(self) -> str:
+        """What --list-layers shows: "dense", or the kernel, stride and groups of a convolution."""
+        return "dense" if self.conv is None else f"conv {self.conv.describe()}"
 
 
 @dataclass(frozen=True)
@@ -157,7 +241,7 @@ class RejectedLayer:
 
 
 def find_layers(model: onnx.ModelProto) -> list[Layer]:
-    """All repairable dense layers, in graph order."""
+    """All repairable layers (dense and convolutions), in graph order."""
     index = _GraphIndex(model)
     found = (index.dense_layer(node) for node in model.graph.node)
     return [layer for layer in found if isinstance(layer, Layer)]
@@ -193,7 +277,6 @@ class _GraphIndex:
             for name in node.input:
                 self.consumers.setdefault(name, []).append(node)
         self.graph_outputs = {o.name for o in model.graph.output}
-        self._shapes: dict[str, tuple[int | None, ...]] | None = None
 
     def dense_layer(self, node: onnx.NodeProto) -> Layer | RejectedLayer | None:
         """The layer `node` computes; a rejection with its reason; None for nodes of other ops."""
@@ -239,27 +322,10 @@ class _GraphIndex:
         return Layer(node.name, "MatMul+Add", node.input[0], add.output[0], weight, True, bias, n_in, n_out)
 
     def _conv(self, node: onnx.NodeProto) -> Layer:
-        weight = self.constant(node.input[1], "W")
-        n_out, n_in = self._check_conv_1x1(node, self.shape(weight))
+        weight = self.constant(node.input[1], "W", matrix=False)
+        geometry, n_in, n_out = _conv_geometry(node, self.shape(weight))
         bias = self.constant(node.input[2], "B", matrix=False) if len(node.input) > 2 and node.input[2] else None
-        return Layer(node.name, "Conv1x1", node.input[0], node.output[0], weight, False, bias, n_in, n_out)
-
-    def _check_conv_1x1(self, node: onnx.NodeProto, shape: tuple[int, ...]) -> tuple[int, int]:
-        """(out, in) of a Conv that is a dense layer: 1x1 kernel, one group, no padding, over a 1x1 map."""
-        attrs = _attributes(node)
-        if len(shape) != 4:
-            raise _Reject(f"a {len(shape) - 2}-D convolution; only 2-D 1x1 Convs over a 1x1 map are dense layers")
-        if tuple(shape[2:]) != (1, 1):
-            raise _Reject(f"kernel {shape[2]}x{shape[3]}; only a 1x1 Conv over a 1x1 map is a dense layer")
-        if attrs.get("group", 1) != 1:
-            raise _Reject(f"group={attrs['group']}; only a Conv with one group is a dense layer")
-        if any(attrs.get("pads", [])):
-            raise _Reject("padded; only an unpadded 1x1 Conv over a 1x1 map is a dense layer")
-        spatial = self.spatial(node.input[0])
-        if spatial is not None and spatial != (1, 1):
-            size = "x".join("?" if d is None else str(d) for d in spatial)
-            raise _Reject(f"a 1x1 Conv over a {size} feature map; only one over a 1x1 map is a dense layer")
-        return shape[0], shape[1]
+        return Layer(node.name, "Conv", node.input[0], node.output[0], weight, False, bias, n_in, n_out, conv=geometry)
 
     def _next_add(self, tensor: str) -> tuple[onnx.NodeProto | None, int]:
         """The Add that consumes `tensor`, looking through one Q -> DQ pair."""
@@ -312,12 +378,12 @@ class _GraphIndex:
 
     def _qlinear_conv(self, node: onnx.NodeProto) -> Layer:
         """QLinearConv(x, x_scale, x_zp, w, w_scale, w_zp, y_scale, y_zp, B?): B int32, scale x_scale * w_scale."""
-        n_out, n_in = self._check_conv_1x1(node, self.integer_shape(node.input[3], "w"))
+        geometry, n_in, n_out = _conv_geometry(node, self.integer_shape(node.input[3], "w"))
         weight = self.operand(node, 3, axis=0)
         bias = self.int32_bias(node, 8, node.input[4], node.input[1]) if _has(node, 8) else None
         return Layer(
-            node.name, "QLinearConv1x1", node.input[0], node.output[0], weight, False, bias, n_in, n_out,
-            self.encoding(node.input[0], node, 1, 2), self.encoding(node.output[0], node, 6, 7),
+            node.name, "QLinearConv", node.input[0], node.output[0], weight, False, bias, n_in, n_out,
+            self.encoding(node.input[0], node, 1, 2), self.encoding(node.output[0], node, 6, 7), geometry,
         )  # fmt: skip
 
     def _matmul_integer(self, node: onnx.NodeProto) -> Layer:
@@ -326,12 +392,19 @@ class _GraphIndex:
         return self._dynamic(node, "MatMulInteger", n_in, n_out, transposed=True, channel_axis=1)
 
     def _conv_integer(self, node: onnx.NodeProto) -> Layer:
-        """DynamicQuantizeLinear(x) -> ConvInteger(x_q, W_q, x_zp, W_zp) -> Cast -> Mul -> Add(Reshape(b))?, 1x1."""
-        n_out, n_in = self._check_conv_1x1(node, self.integer_shape(node.input[1], "w"))
-        return self._dynamic(node, "ConvInteger1x1", n_in, n_out, transposed=False, channel_axis=0)
+        """DynamicQuantizeLinear(x) -> ConvInteger(x_q, W_q, x_zp, W_zp) -> Cast -> Mul -> Add(Reshape(b))?."""
+        geometry, n_in, n_out = _conv_geometry(node, self.integer_shape(node.input[1], "w"))
+        return self._dynamic(node, "ConvInteger", n_in, n_out, transposed=False, channel_axis=0, conv=geometry)
 
     def _dynamic(
-        self, node: onnx.NodeProto, op: str, n_in: int, n_out: int, transposed: bool, channel_axis: int
+        self,
+        node: onnx.NodeProto,
+        op: str,
+        n_in: int,
+        n_out: int,
+        transposed: bool,
+        channel_axis: int,
+        conv: ConvGeometry | None = None,
     ) -> Layer:
         """The dynamic-quantization pattern around MatMulInteger / ConvInteger (ONNX Runtime's quantize_dynamic)."""
         source = self.producer.get(node.input[0])
@@ -355,10 +428,10 @@ class _GraphIndex:
         add, side = self._next_add(mul.output[0])
         bias = self.parameter(add.input[1 - side], bias=True) if add is not None else None
         if add is None or bias is None or int(np.prod(self.shape(bias))) not in (1, n_out):
-            return Layer(node.name, op, node.input[0], mul.output[0], weight, transposed, None, n_in, n_out, x_encoding)
-        return Layer(
-            node.name, f"{op}+Add", node.input[0], add.output[0], weight, transposed, bias, n_in, n_out, x_encoding
-        )
+            output, bias = mul.output[0], None
+        else:
+            output, op = add.output[0], f"{op}+Add"
+        return Layer(node.name, op, node.input[0], output, weight, transposed, bias, n_in, n_out, x_encoding, conv=conv)
 
     def _only_user(self, tensor: str, op: str) -> onnx.NodeProto:
         users = self.consumers.get(tensor, [])
@@ -447,26 +520,38 @@ class _GraphIndex:
         name = param.initializer if isinstance(param, FloatTensor) else param.quantized
         return tuple(self.inits[name].dims)
 
-    def spatial(self, tensor: str) -> tuple[int | None, ...] | None:
-        """The spatial dimensions of a 4-D activation from shape inference; None when unknown."""
-        if self._shapes is None:
-            try:
-                inferred = onnx.shape_inference.infer_shapes(self.model)
-            except Exception:  # inference is a hint here; unknown shapes are checked when the layer is read
-                inferred = self.model
-            self._shapes = {}
-            for value in (*inferred.graph.value_info, *inferred.graph.input):
-                if value.type.tensor_type.HasField("shape"):
-                    dims = value.type.tensor_type.shape.dim
-                    self._shapes[value.name] = tuple(d.dim_value if d.HasField("dim_value") else None for d in dims)
-        shape = self._shapes.get(tensor)
-        if shape is None or len(shape) != 4 or (shape[2] is None and shape[3] is None):
-            return None
-        return shape[2:]
-
 
 class _Reject(Exception):
     """Why a layer-like node is not a repairable layer (internal: becomes a RejectedLayer)."""
+
+
+def _conv_geometry(node: onnx.NodeProto, shape: tuple[int, ...]) -> tuple[ConvGeometry, int, int]:
+    """(geometry, fan-in of one channel, output channels) of a Conv-like node with weight `shape`."""
+    if len(shape) != 4:
+        raise _Reject(
+            f"a {len(shape) - 2}-D convolution (weight shape {list(shape)}); only 2-D convolutions are layers"
+        )
+    attrs = _attributes(node)
+    n_out, in_per_group, kh, kw = shape
+    group = int(attrs.get("group", 1))
+    if group < 1 or n_out % group:
+        raise _Reject(f"group={group} does not divide its {n_out} output channels")
+    kernel = tuple(attrs.get("kernel_shape", (kh, kw)))
+    if kernel != (kh, kw):
+        raise _Reject(f"kernel_shape {list(kernel)} differs from its weight's {kh}x{kw}")
+    auto_pad = attrs.get("auto_pad", b"NOTSET")
+    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else str(auto_pad)
+    pads = tuple(attrs.get("pads", (0, 0, 0, 0)))
+    geometry = ConvGeometry(
+        kernel=(kh, kw),
+        strides=tuple(attrs.get("strides", (1, 1))),  # type: ignore[arg-type]
+        pads=(pads[0], pads[1], pads[2], pads[3]),
+        dilations=tuple(attrs.get("dilations", (1, 1))),  # type: ignore[arg-type]
+        group=group,
+        in_channels=in_per_group * group,
+        auto_pad=auto_pad or "NOTSET",
+    )
+    return geometry, in_per_group * kh * kw, n_out
 
 
 def _attributes(node: onnx.NodeProto) -> dict[str, Any]:

@@ -1,10 +1,13 @@
-"""One repair method applied once to one layer: read spectra, rank, solve, rewrite.
+"""One repair method applied once to one layer: spectra, rank, solve, rewrite.
 
 A method is an encoding (solve.py), a metric and a number of neurons. The
-``bias-correction`` method needs no solver: each neuron's bias moves by the
-mean float-minus-quantized pre-activation over the repair inputs (empirical
-bias correction, as AIMET does), which removes the average error a quantized
-layer adds.
+layer is seen through its rows (activity.py): a dense layer's inputs, a
+convolution's patches. Two methods need no LP solver: ``bias-correction``
+moves each channel's bias by the mean float-minus-quantized pre-activation
+over the rows (empirical bias correction, as AIMET does), and
+``reconstruct`` fits each channel's weights and bias to the float
+pre-activation by ridge least squares, rounded to the integer grid and kept
+only where held-out rows confirm it (reconstruct.py).
 """
 
 from __future__ import annotations
@@ -13,31 +16,23 @@ import dataclasses
 import functools
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import onnx
 from numpy.typing import NDArray
 
+from onnxrepair.activity import LayerActivity
 from onnxrepair.config import Encoding, Metric, SolveConfig
 from onnxrepair.errors import UnsupportedModelError
-from onnxrepair.graph import (
-    Layer,
-    LayerGrid,
-    LayerPair,
-    clips_negatives,
-    input_spec,
-    layer_grid,
-    layer_parameters,
-    tap_layer,
-    with_outputs,
-)
+from onnxrepair.graph import Layer, LayerGrid, LayerPair, layer_grid, layer_parameters
 from onnxrepair.localize import rank_neurons, suspiciousness
 from onnxrepair.parallel import Executor, SerialExecutor
 from onnxrepair.progress import NoProgress, Progress
+from onnxrepair.reconstruct import ReconstructionProblem, reconstruct
 from onnxrepair.rewrite import RewriteStats, apply_deltas
-from onnxrepair.runtime import make_session, output_name, run_batched
+from onnxrepair.rows import grouped_linear
 from onnxrepair.solve import (
     LogitProblem,
     NeuronGrid,
@@ -47,7 +42,7 @@ from onnxrepair.solve import (
     solve_logit,
     solve_neuron,
 )
-from onnxrepair.spectrum import Spectrum, activation_flips, collect_spectrum, failing_mask
+from onnxrepair.spectrum import Spectrum, activation_flips, collect_spectrum, sqnr_db
 
 logger = logging.getLogger(__name__)
 
@@ -63,26 +58,10 @@ class Method:
     def describe(self, n_out: int | None = None) -> str:
         if self.encoding is Encoding.BIAS_CORRECTION:
             return "bias-correction (all neurons)"
+        if self.encoding is Encoding.RECONSTRUCT and n_out is not None and self.neurons >= n_out:
+            return "reconstruct (all channels)"
         n = "all" if n_out is not None and self.neurons >= n_out else str(self.neurons)
         return f"{self.encoding.value}, {self.metric.value}, N={n}"
-
-
-@dataclass(frozen=True)
-class LayerActivity:
-    """What the repair inputs show about one layer, read from both models."""
-
-    float_scores: NDArray[np.float32]  # [n, classes]
-    quant_scores: NDArray[np.float32]
-    float_pre: NDArray[np.float32]  # [n, neurons] pre-activation
-    quant_pre: NDArray[np.float32]
-    quant_inputs: NDArray[np.float32]  # [n, n_in] the layer input in the quantized model
-
-    def is_output_layer(self) -> bool:
-        """The layer's outputs are the class scores (up to a monotone map such as Softmax)."""
-        if self.float_pre.shape[1] != self.float_scores.shape[1]:
-            return False
-        same = np.argmax(self.float_pre, axis=1) == np.argmax(self.float_scores, axis=1)
-        return bool(np.mean(same) >= 0.99)
 
 
 @dataclass(frozen=True)
@@ -92,6 +71,9 @@ class LayerRepair:
     Attributes:
         selected: the neurons given to the solver, most suspicious first.
         solutions: one per selected neuron, solved or not, in the same order.
+        sqnr_before, sqnr_after: SQNR (dB) of the layer's pre-activation against FLOAT's over the
+            repair rows, before and after the change as written (integers rounded).
+        rows: rows the layer was repaired on (images, or images x positions of a convolution).
     """
 
     pair: LayerPair
@@ -102,6 +84,9 @@ class LayerRepair:
     solutions: list[NeuronSolution]
     rewrite: RewriteStats
     solve_seconds: float
+    sqnr_before: float | None = None
+    sqnr_after: float | None = None
+    rows: int = 0
 
     @property
     def repaired_neurons(self) -> list[int]:
@@ -110,47 +95,6 @@ class LayerRepair:
     @property
     def unsolved(self) -> list[int]:
         return [s.neuron for s in self.solutions if not s.solved]
-
-
-def read_layer_activity(
-    float_model: onnx.ModelProto,
-    quant_model: onnx.ModelProto,
-    pair: LayerPair,
-    x: NDArray[np.float32],
-    batch_size: int,
-    progress: Progress | None = None,
-    *,
-    providers: Sequence[str] | None = None,
-) -> LayerActivity:
-    """Run tapped copies of both models that also output the layer's input and pre-activation.
-
-    `providers`: ONNX Runtime execution providers (default: CUDA when present, then CPU).
-    """
-    progress = progress or NoProgress()
-    f_layer, q_layer = pair.float_layer, pair.quant_layer
-    f_out, q_out = output_name(float_model), output_name(quant_model)
-    # integer-operator layers: x and y are read through DequantizeLinear nodes added to the tapped copy
-    f_model, _, f_pre = tap_layer(float_model, f_layer)
-    q_model, q_in, q_pre = tap_layer(quant_model, q_layer)
-    with progress.task("reading spectra", 2 * len(x)) as advance:
-        f = _run_tapped(f_model, "FLOAT", [f_out, f_pre], x, batch_size, advance, providers)
-        q = _run_tapped(q_model, "QUANT", [q_out, q_in, q_pre], x, batch_size, advance, providers)
-    _check_width(f[f_pre], f_layer, "FLOAT")
-    _check_width(q[q_pre], q_layer, "QUANT")
-    _check_width(q[q_in], q_layer, "QUANT", side="input")
-    quant_pre = q[q_pre]
-    if q_layer.output_encoding is not None and clips_negatives(quant_model, q_layer.output_encoding):
-        # A Relu fused into the integer output: y = max(pre, 0) hides how negative each neuron is (bias
-        # correction needs it). The pre-activation is Q's exact integer accumulator, x @ W^T + b in reals.
-        weights, bias = layer_parameters(quant_model, q_layer)
-        quant_pre = (q[q_in].astype(np.float64) @ weights.T + bias).astype(np.float32)
-    return LayerActivity(
-        float_scores=f[f_out],
-        quant_scores=q[q_out],
-        float_pre=f[f_pre],
-        quant_pre=quant_pre,
-        quant_inputs=q[q_in],
-    )
 
 
 def repair_layer(
@@ -179,8 +123,7 @@ def repair_layer(
             or bias correction on a layer without bias.
     """
     progress = progress or NoProgress()
-    failing = failing_mask(activity.float_scores, activity.quant_scores)
-    spectrum = collect_spectrum(failing, activation_flips(activity.float_pre, activity.quant_pre))
+    spectrum = collect_spectrum(activity.failing_rows(), activation_flips(activity.float_pre, activity.quant_pre))
     scores = suspiciousness(spectrum, method.metric, seed)
     layer = pair.quant_layer
     config = dataclasses.replace(solve_config, encoding=method.encoding)
@@ -191,14 +134,103 @@ def repair_layer(
     else:
         ranked = rank_neurons(scores)[: method.neurons] if neurons is None else neurons
         selected = [int(i) for i in ranked]
-        executor = executor or SerialExecutor()
-        solutions = _solve(quant_model, pair, activity, selected, config, progress, deadline, executor)
+        if method.encoding is Encoding.RECONSTRUCT:
+            solutions = _reconstruct(quant_model, layer, activity, selected, seed)
+        else:
+            executor = executor or SerialExecutor()
+            solutions = _solve(quant_model, pair, activity, selected, config, progress, deadline, executor)
     solve_seconds = time.perf_counter() - started
     deltas = {s.neuron: s.weight_delta for s in solutions if s.weight_delta is not None}
     bias_deltas = {s.neuron: s.bias_delta for s in solutions if s.weight_delta is not None}
     repaired, stats = apply_deltas(quant_model, layer, deltas, bias_deltas)
     onnx.checker.check_model(repaired)
-    return repaired, LayerRepair(pair, method, spectrum, scores, selected, solutions, stats, solve_seconds)
+    before, after = _sqnr_change(quant_model, repaired, layer, activity, sorted(deltas))
+    return repaired, LayerRepair(
+        pair,
+        method,
+        spectrum,
+        scores,
+        selected,
+        solutions,
+        stats,
+        solve_seconds,
+        before,
+        after,
+        len(activity.row_image),
+    )
+
+
+def _sqnr_change(
+    quant_model: onnx.ModelProto,
+    repaired: onnx.ModelProto,
+    layer: Layer,
+    activity: LayerActivity,
+    changed: list[int],
+) -> tuple[float, float]:
+    """SQNR of the layer's pre-activation on the rows, before and after the change as written."""
+    before = sqnr_db(activity.float_pre, activity.quant_pre)
+    if not changed:
+        return before, before
+    old_w, old_b = layer_parameters(quant_model, layer)
+    new_w, new_b = layer_parameters(repaired, layer)
+    moved = grouped_linear(activity.quant_inputs, new_w - old_w, new_b - old_b, layer.groups)
+    return before, sqnr_db(activity.float_pre, activity.quant_pre + moved)
+
+
+# images held out of a reconstruction's fit: their rows decide which channels keep their change
+RECONSTRUCT_CHECK_FRACTION = 0.25
+
+
+def _reconstruct(
+    quant_model: onnx.ModelProto, layer: Layer, activity: LayerActivity, selected: list[int], seed: int
+) -> list[NeuronSolution]:
+    images = np.unique(activity.row_image)
+    if len(images) < 2:
+        raise UnsupportedModelError(
+            "--encoding reconstruct needs at least 2 repair images (it checks on held-out ones)"
+        )
+    rng = np.random.default_rng(seed)
+    held = rng.choice(images, size=max(1, round(RECONSTRUCT_CHECK_FRACTION * len(images))), replace=False)
+    weights, bias = layer_parameters(quant_model, layer)
+    grid = layer_grid(quant_model, layer)
+    started = time.perf_counter()
+    result = reconstruct(
+        ReconstructionProblem(
+            rows=activity.quant_inputs,
+            target=activity.float_pre,
+            weights=weights,
+            bias=bias,
+            weight_step=grid.weight_step,
+            weight_low=grid.weight_low,
+            weight_high=grid.weight_high,
+            bias_step=grid.bias_step,
+            bias_low=grid.bias_low,
+            bias_high=grid.bias_high,
+            groups=layer.groups,
+            holdout=np.isin(activity.row_image, held),
+        )
+    )
+    seconds = (time.perf_counter() - started) / max(len(selected), 1)
+    rows = int(np.isin(activity.row_image, held, invert=True).sum())
+    solutions = []
+    for j in selected:
+        if result.kept[j]:
+            solutions.append(
+                NeuronSolution(
+                    j,
+                    SolveStatus.OPTIMAL,
+                    result.weight_delta[j],
+                    float(result.error_after[j]),
+                    seconds,
+                    rows,
+                    "",
+                    float(result.bias_delta[j]),
+                )  # fmt: skip
+            )
+        else:
+            reason = "its rounded change does not lower its error on held-out rows"
+            solutions.append(NeuronSolution(j, SolveStatus.UNCHANGED, None, None, seconds, rows, reason))
+    return solutions
 
 
 def _solve(
@@ -212,7 +244,7 @@ def _solve(
     executor: Executor,
 ) -> list[NeuronSolution]:
     if config.encoding is Encoding.LOGIT:
-        if not activity.is_output_layer():
+        if not activity.is_output_layer() or pair.quant_layer.groups > 1:
             raise UnsupportedModelError(
                 f"--encoding logit repairs the output layer only, and '{pair.float_layer.name}' does not give "
                 "the class scores; pick the last layer or another encoding"
@@ -249,17 +281,31 @@ _FAN_OUT_MIN_INPUTS = 100_000  # repair inputs x layer inputs
 def layer_problems(
     quant_model: onnx.ModelProto, pair: LayerPair, activity: LayerActivity, selected: list[int]
 ) -> list[NeuronProblem]:
-    """One problem per selected neuron, as `repair_layer` solves them; all share one `inputs` array.
+    """One problem per selected neuron, as `repair_layer` solves them; the neurons of a group share one array.
 
-    Sharing matters for --jobs: the array is pickled once per chunk of problems, not once per neuron.
+    Sharing matters for --jobs: the array is pickled once per chunk of problems, not once per neuron. A
+    convolution's channel reads its group's columns of the rows (all of them with one group).
     """
-    weights, bias = layer_parameters(quant_model, pair.quant_layer)
-    grid = layer_grid(quant_model, pair.quant_layer)
-    inputs = activity.quant_inputs.astype(np.float64)
-    return [
-        NeuronProblem(j, weights[j], float(bias[j]), inputs, activity.float_pre[:, j] > 0, _neuron_grid(grid, j))
-        for j in selected
-    ]
+    layer = pair.quant_layer
+    weights, bias = layer_parameters(quant_model, layer)
+    grid = layer_grid(quant_model, layer)
+    inputs: dict[int, NDArray[np.float64]] = {}
+    problems = []
+    for j in selected:
+        columns = layer.columns(j)
+        if columns.start not in inputs:
+            inputs[columns.start] = activity.quant_inputs[:, columns].astype(np.float64)
+        problems.append(
+            NeuronProblem(
+                j,
+                weights[j],
+                float(bias[j]),
+                inputs[columns.start],
+                activity.float_pre[:, j] > 0,
+                _neuron_grid(grid, j),
+            )  # fmt: skip
+        )
+    return problems
 
 
 def solve_before(problem: NeuronProblem, config: SolveConfig, wall_deadline: float | None) -> NeuronSolution:
@@ -302,31 +348,3 @@ def _within(config: SolveConfig, deadline: float | None) -> SolveConfig:
         return config
     left = max(deadline - time.perf_counter(), 1.0)
     return dataclasses.replace(config, time_limit=min(config.time_limit, left))
-
-
-def _run_tapped(
-    model: onnx.ModelProto,
-    role: str,
-    names: list[str],
-    x: NDArray[np.float32],
-    batch_size: int,
-    advance: Callable[[int], None],
-    providers: Sequence[str] | None,
-) -> dict[str, NDArray[np.float32]]:
-    input_name = input_spec(model).name
-    outputs = [n for n in dict.fromkeys(names) if n != input_name]
-    session = make_session(with_outputs(model, outputs), role, providers)
-    values = run_batched(session, x, outputs, batch_size, advance)
-    if input_name in names:  # the layer reads the graph input directly
-        values[input_name] = x.reshape(len(x), -1)
-    return values
-
-
-def _check_width(values: NDArray, layer: Layer, role: str, side: str = "output") -> None:
-    """A layer over [batch, features] (or a 1x1 map) has n_out outputs and n_in inputs per input."""
-    expected = layer.n_out if side == "output" else layer.n_in
-    if values.shape[1] != expected:
-        raise UnsupportedModelError(
-            f"{role} layer '{layer.name}' ({layer.op}) {side} has {values.shape[1]} values per input, expected "
-            f"{expected}; only layers over [batch, features] inputs (or a 1x1 Conv over a 1x1 map) can be repaired"
-        )

@@ -7,6 +7,7 @@ that the CLI provides).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -17,7 +18,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from onnxrepair.config import RepairConfig
+from onnxrepair.activity import read_layer_activity
+from onnxrepair.config import Encoding, RepairConfig
 from onnxrepair.data import ImageSet, stratified_split
 from onnxrepair.errors import ModelPairingError, OnnxRepairError
 from onnxrepair.evaluate import Evaluation, evaluate_scores
@@ -29,7 +31,7 @@ from onnxrepair.graph import (
     find_layers,
     pair_layer,
 )
-from onnxrepair.methods import LayerRepair, Method, read_layer_activity, repair_layer
+from onnxrepair.methods import LayerRepair, Method, repair_layer
 from onnxrepair.parallel import Executor, ProcessExecutor, SerialExecutor
 from onnxrepair.progress import NoProgress, Progress
 from onnxrepair.runtime import make_session, output_name, run_batched
@@ -60,6 +62,16 @@ class Timings:
 
 
 @dataclass(frozen=True)
+class GuardStep:
+    """One layer of a guarded run: what its repair scored on the held-out images, and whether it was kept."""
+
+    repair: LayerRepair
+    holdout: Score
+    kept: bool
+    seconds: float
+
+
+@dataclass(frozen=True)
 class RepairResult:
     """Everything a repair run produced.
 
@@ -79,6 +91,7 @@ class RepairResult:
             the search kept nothing or the check is off).
         peak_memory_mb: the largest resident set of the run (its worker
             processes included), None where the platform does not say.
+        guard: with the held-out guard, every layer repaired, kept or rolled back, in order.
     """
 
     model: onnx.ModelProto | None
@@ -92,29 +105,51 @@ class RepairResult:
     holdout_after: Score | None = None
     confirmation: Confirmation | None = None
     peak_memory_mb: float | None = None
+    guard: list[GuardStep] = field(default_factory=list)
+
+
+# encodings that change every channel of a layer unless --neurons says otherwise
+WHOLE_LAYER_ENCODINGS = frozenset({Encoding.RECONSTRUCT, Encoding.BIAS_CORRECTION})
+
+
+def default_encoding(layers: Sequence[Layer]) -> Encoding:
+    """`soft` for one dense layer (the paper's setting); `reconstruct` for convolutions and several layers.
+
+    Measured in docs/BENCHMARKS.md: sign constraints fit a classifier's decision, but a convolution's
+    channels feed later layers whose inputs should stay what the float model gives them.
+    """
+    if len(layers) == 1 and layers[0].conv is None:
+        return Encoding.SOFT
+    return Encoding.RECONSTRUCT
 
 
 def resolve_layers(float_model: onnx.ModelProto, names: tuple[str, ...]) -> list[str]:
-    """Layer names from --layer values: node names, or "last:K" for the last K dense layers.
+    """Layer names from --layer values: node names, "all", or "first:K" / "last:K" for the first / last K layers.
+
+    Layers come back in graph order (topological), whatever order they were named in, and each once.
 
     Raises:
-        ModelPairingError: an unknown name or a bad "last:K".
+        ModelPairingError: an unknown name or a bad "first:K" / "last:K".
     """
     available = [layer.name for layer in find_layers(float_model)]
     if not available:
         pair_layer(float_model, float_model, None)  # raises UnsupportedModelError, naming the nodes and why
     if not names:
         return available[-1:]
-    resolved: list[str] = []
+    chosen: set[str] = set()
     for name in names:
-        if name.startswith("last:"):
-            count = name.removeprefix("last:")
+        if name == "all":
+            chosen.update(available)
+        elif name.startswith(("first:", "last:")):
+            which, count = name.split(":", 1)
             if not count.isdigit() or int(count) < 1:
-                raise ModelPairingError(f"'{name}' is not a layer count; write last:K with K >= 1, e.g. last:2")
-            resolved.extend(available[-int(count) :])
+                raise ModelPairingError(f"'{name}' is not a layer count; write {which}:K with K >= 1, e.g. {which}:2")
+            chosen.update(available[: int(count)] if which == "first" else available[-int(count) :])
+        elif name in available:
+            chosen.add(name)
         else:
-            resolved.append(name)
-    return list(dict.fromkeys(resolved))
+            pair_layer(float_model, float_model, name)  # raises, naming the layers there are
+    return [name for name in available if name in chosen]
 
 
 def repair(
@@ -169,9 +204,10 @@ def _repair(
     names = resolve_layers(float_model, config.layers)
     for name in names:
         pair_layer(float_model, quant_model, name)  # every layer is checked before any work
+    guarded = config.guarded(len(names))
     fit_set, scorer, holdout_size = repair_set, None, 0
-    if config.search is not None:
-        fit_idx, holdout_idx = stratified_split(repair_set.strata, config.search.holdout_fraction, config.seed)
+    if config.search is not None or guarded:
+        fit_idx, holdout_idx = stratified_split(repair_set.strata, config.holdout_fraction, config.seed)
         fit_set, holdout = repair_set.subset(fit_idx), repair_set.subset(holdout_idx)
         scorer = HoldoutScorer(float_model, holdout.x, holdout.labels, config.batch_size, config.providers or None)
         holdout_size = len(holdout)
@@ -180,42 +216,67 @@ def _repair(
     current = quant_model
     layers: list[LayerRepair] = []
     trials: list[Trial] = []
+    guard_steps: list[GuardStep] = []
+    best = holdout_before
     inference_seconds = solve_seconds = rewrite_seconds = search_seconds = 0.0
-    for position, name in enumerate(names):
-        if scorer is not None and config.search is not None:
-            left = started + config.search.budget - time.perf_counter()
-            deadline = time.perf_counter() + left / (len(names) - position)
-            current, applied, tried = search_layer(
-                float_model,
-                current,
-                functools.partial(_pair_in, float_model, name),
-                fit_set.x,
-                scorer,
-                config,
-                deadline,
-                progress,
-                executor,
-            )
-            layers.extend(applied)
-            trials.extend(tried)
-            search_seconds = time.perf_counter() - started
-            solve_seconds += sum(layer.solve_seconds for layer in applied)
-        else:
-            pair = pair_layer(float_model, current, name)
-            logger.info("repairing layer %s (paired by %s)", pair.float_layer.name, pair.paired_by)
-            step = time.perf_counter()
-            activity = read_layer_activity(
-                float_model, current, pair, fit_set.x, config.batch_size, progress, providers=config.providers or None
-            )
-            inference_seconds += time.perf_counter() - step
-            method = Method(config.solve.encoding, config.metric, config.neurons)
-            step = time.perf_counter()
-            current, outcome = repair_layer(
-                current, pair, activity, method, config.solve, config.seed, progress, executor=executor
-            )
-            layers.append(outcome)
-            solve_seconds += outcome.solve_seconds
-            rewrite_seconds += time.perf_counter() - step - outcome.solve_seconds
+    overall = progress.task("layers", len(names)) if len(names) > 1 else contextlib.nullcontext(_no_advance)
+    with overall as advance_layers:
+        for position, name in enumerate(names):
+            if scorer is not None and config.search is not None:
+                left = started + config.search.budget - time.perf_counter()
+                deadline = time.perf_counter() + left / (len(names) - position)
+                current, applied, tried = search_layer(
+                    float_model,
+                    current,
+                    functools.partial(_pair_in, float_model, name),
+                    fit_set.x,
+                    scorer,
+                    config,
+                    deadline,
+                    progress,
+                    executor,
+                )
+                layers.extend(applied)
+                trials.extend(tried)
+                search_seconds = time.perf_counter() - started
+                solve_seconds += sum(layer.solve_seconds for layer in applied)
+            else:
+                layer_started = time.perf_counter()
+                pair = pair_layer(float_model, current, name)
+                logger.info("repairing layer %s (paired by %s)", pair.float_layer.name, pair.paired_by)
+                activity = read_layer_activity(
+                    float_model,
+                    current,
+                    pair,
+                    fit_set.x,
+                    config.batch_size,
+                    progress,
+                    providers=config.providers or None,
+                    positions_per_image=config.positions_per_image,
+                    seed=config.seed,
+                )
+                inference_seconds += time.perf_counter() - layer_started
+                method = Method(config.solve.encoding, config.metric, config.neurons)
+                step = time.perf_counter()
+                candidate, outcome = repair_layer(
+                    current, pair, activity, method, config.solve, config.seed, progress, executor=executor
+                )
+                del activity  # rows can take hundreds of MB; the next layer reads its own
+                solve_seconds += outcome.solve_seconds
+                rewrite_seconds += time.perf_counter() - step - outcome.solve_seconds
+                if scorer is None or best is None:
+                    current = candidate
+                    layers.append(outcome)
+                else:
+                    score = scorer.score(candidate)
+                    kept = score.helps_over(best)
+                    logger.info("%s: held-out agreement %.4f, output error %.4g%s", name, score.agreement,
+                                score.output_error or 0.0, "" if kept else " (rolled back)")  # fmt: skip
+                    guard_steps.append(GuardStep(outcome, score, kept, time.perf_counter() - layer_started))
+                    if kept:
+                        current, best = candidate, score
+                        layers.append(outcome)
+            advance_layers(1)
     holdout_after = scorer.score(current) if scorer is not None else None
     improved = holdout_before is None or (holdout_after is not None and holdout_after.beats(holdout_before))
     confirmation = None
@@ -247,6 +308,7 @@ def _repair(
     return RepairResult(
         model=model,
         layers=layers,
+        guard=guard_steps,
         evaluation=evaluation,
         timings=timings,
         repair_size=len(fit_set),
@@ -256,6 +318,10 @@ def _repair(
         holdout_after=holdout_after,
         confirmation=confirmation,
     )
+
+
+def _no_advance(n: int) -> None:
+    """The progress of a single layer: its own bars say enough."""
 
 
 def _pair_in(float_model: onnx.ModelProto, name: str, quant_model: onnx.ModelProto) -> LayerPair:

@@ -7,7 +7,7 @@ The CUDA execution provider is used when the installed onnxruntime offers it
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import onnx
@@ -74,6 +74,25 @@ def make_session(model: onnx.ModelProto, role: str, providers: Sequence[str] | N
         raise UnsupportedModelError(f"ONNX Runtime cannot load the {role} model: {message}") from exc
 
 
+def stream_batched(
+    session: ort.InferenceSession, x: NDArray[np.float32], output_names: Sequence[str], batch_size: int
+) -> Iterator[tuple[int, dict[str, NDArray[np.float32]]]]:
+    """Run `x` through the session in batches; yield (first index, the named outputs as ONNX Runtime gives them).
+
+    Raises:
+        UnsupportedModelError: ONNX Runtime fails on the data (e.g. a shape mismatch).
+    """
+    input_name = session.get_inputs()[0].name
+    for start in range(0, len(x), batch_size):
+        batch = np.ascontiguousarray(x[start : start + batch_size])
+        try:
+            results = session.run(list(output_names), {input_name: batch})
+        except Exception as exc:
+            message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise UnsupportedModelError(f"ONNX Runtime failed to run the model: {message}") from exc
+        yield start, {name: np.asarray(value) for name, value in zip(output_names, results, strict=True)}
+
+
 def run_batched(
     session: ort.InferenceSession,
     x: NDArray[np.float32],
@@ -81,24 +100,14 @@ def run_batched(
     batch_size: int,
     advance: Callable[[int], None] | None = None,
 ) -> dict[str, NDArray[np.float32]]:
-    """Run `x` through the session in batches and concatenate each named output.
-
-    Raises:
-        UnsupportedModelError: ONNX Runtime fails on the data (e.g. a shape mismatch).
-    """
-    input_name = session.get_inputs()[0].name
+    """Run `x` through the session in batches and concatenate each named output, one row per input."""
     parts: dict[str, list[NDArray[np.float32]]] = {name: [] for name in output_names}
-    for start in range(0, len(x), batch_size):
-        batch = x[start : start + batch_size]
-        try:
-            results = session.run(list(output_names), {input_name: batch})
-        except Exception as exc:
-            message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise UnsupportedModelError(f"ONNX Runtime failed to run the model: {message}") from exc
-        for name, value in zip(output_names, results, strict=True):
-            parts[name].append(np.asarray(value).reshape(len(batch), -1))
+    for start, values in stream_batched(session, x, output_names, batch_size):
+        n = min(batch_size, len(x) - start)
+        for name, value in values.items():
+            parts[name].append(value.reshape(n, -1))
         if advance is not None:
-            advance(len(batch))
+            advance(n)
     return {name: np.concatenate(chunks) for name, chunks in parts.items()}
 
 

@@ -51,6 +51,7 @@ class SolveStatus(str, enum.Enum):
     FEASIBLE = "feasible"  # a solution, not proven optimal (time limit)
     INFEASIBLE = "infeasible"
     TIME_LIMIT = "time_limit"  # no solution within the time limit
+    UNCHANGED = "unchanged"  # solved, but the change did not help on held-out rows: left as it is
     ERROR = "error"
 
 
@@ -456,6 +457,7 @@ _REASONS = {
     ),
     SolveStatus.TIME_LIMIT: lambda config: f"no solution within the time limit of {config.time_limit:g} s",
     SolveStatus.ERROR: lambda config: "the solver reported an error",
+    SolveStatus.UNCHANGED: lambda config: "its change does not lower its error on held-out rows",
     SolveStatus.OPTIMAL: lambda config: "",
     SolveStatus.FEASIBLE: lambda config: "",
 }

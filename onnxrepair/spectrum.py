@@ -1,4 +1,4 @@
-"""Pass/fail split and activation spectra (the paper's C_af, C_nf, C_as, C_ns).
+"""Pass/fail split and activation spectra (the paper's C_af, C_nf, C_as, C_ns), and SQNR.
 
 An input *fails* when the float and quantized models disagree on its top-1
 class. A neuron is *activated* on an input when its on/off status
@@ -10,6 +10,7 @@ class. A neuron is *activated* on an input when its on/off status
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -45,3 +46,12 @@ def collect_spectrum(failing: NDArray[np.bool_], flips: NDArray[np.bool_]) -> Sp
     af = flips[failing].sum(axis=0).astype(np.int64)
     as_ = flips[~failing].sum(axis=0).astype(np.int64)
     return Spectrum(af=af, nf=n_failing - af, as_=as_, ns=n_passing - as_, n_failing=n_failing, n_passing=n_passing)
+
+
+def sqnr_db(reference: NDArray, noisy: NDArray) -> float:
+    """20 log10(|reference| / |reference - noisy|), norms floored at float eps as ORT's qdq_loss_debug does."""
+    eps = float(np.finfo(float).eps)
+    reference64, noisy64 = np.asarray(reference, np.float64).ravel(), np.asarray(noisy, np.float64).ravel()
+    signal = max(float(np.linalg.norm(reference64)), eps)
+    noise = max(float(np.linalg.norm(reference64 - noisy64)), eps)
+    return 20 * math.log10(signal / noise)

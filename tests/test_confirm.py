@@ -12,10 +12,11 @@ import pytest
 from conftest import DigitsExample
 from helpers_issue3 import run_fix, top1
 
+from onnxrepair.activity import read_layer_activity
 from onnxrepair.config import RepairConfig, SearchConfig
 from onnxrepair.data import load_image_folder, preprocessing_for_input, stratified_folds, stratified_split
 from onnxrepair.graph import input_spec, pair_layer
-from onnxrepair.methods import read_layer_activity, repair_layer
+from onnxrepair.methods import repair_layer
 from onnxrepair.repair import repair
 from onnxrepair.search import confirm_methods, is_confirmed, sign_test_p_value
 

@@ -17,11 +17,12 @@ from conftest import DigitsExample, QuantVariant, check_full
 from helpers_issue3 import gemm_head_without_bias, initializer_arrays, run_exact, top1
 from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
+from onnxrepair.activity import read_layer_activity
 from onnxrepair.cli import main
 from onnxrepair.config import LOGIT_MARGIN, SIGN_MARGIN, Encoding, Metric, Objective, SolveConfig
 from onnxrepair.errors import UnsupportedModelError
 from onnxrepair.graph import layer_grid, layer_parameters, pair_layer
-from onnxrepair.methods import Method, read_layer_activity, repair_layer
+from onnxrepair.methods import Method, repair_layer
 from onnxrepair.solve import LogitProblem, NeuronGrid, NeuronProblem, SolveStatus, solve_logit, solve_neuron
 
 MARGIN = SIGN_MARGIN  # the default margin of sign constraints

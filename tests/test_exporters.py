@@ -26,6 +26,7 @@ import pytest
 from conftest import check_full, run_model
 from onnx import numpy_helper
 
+from onnxrepair.activity import read_layer_activity
 from onnxrepair.cli import main
 from onnxrepair.graph import (
     Layer,
@@ -38,7 +39,6 @@ from onnxrepair.graph import (
     pair_layer,
     rejected_layers,
 )
-from onnxrepair.methods import read_layer_activity
 from onnxrepair.repair import list_layers
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -99,7 +99,7 @@ EXPECTED_FLOAT = {
     "skl2onnx": [("MatMul", "MatMul+Add", 64, 24), ("MatMul1", "MatMul+Add", 24, 10)],
     "skl2onnx_zipmap": [("MatMul", "MatMul+Add", 64, 24), ("MatMul1", "MatMul+Add", 24, 10)],
     "gemm_variants": [("gemm_t0_bias", "Gemm", 64, 24), ("gemm_t1_nobias", "Gemm", 24, 10)],
-    "convhead": [("/5/Conv", "Conv1x1", 24, 10)],
+    "convhead": [("/0/Conv", "Conv", 9, 16), ("/2/Conv", "Conv", 144, 24), ("/5/Conv", "Conv", 24, 10)],
 }
 
 
@@ -119,19 +119,22 @@ def test_gemm_variants_layout_and_bias() -> None:
     assert w.shape == (24, 64) and b.shape == (24,) and b.any()
 
 
-def test_convhead_3x3_convs_are_rejected_with_their_kernel() -> None:
+def test_convhead_convolutions_are_layers_with_their_geometry() -> None:
     model = onnx.load(str(FIXTURES / "convhead.float.onnx"))
-    reasons = {r.name: r.reason for r in rejected_layers(model)}
-    assert set(reasons) == {"/0/Conv", "/2/Conv"}
-    assert all("kernel 3x3" in reason for reason in reasons.values())
+    assert rejected_layers(model) == []
+    first, second, head = find_layers(model)
+    assert (first.conv.kernel, first.conv.strides, first.conv.pads) == ((3, 3), (1, 1), (1, 1, 1, 1))
+    assert (second.conv.kernel, second.conv.strides, second.conv.in_channels) == ((3, 3), (2, 2), 16)
+    assert head.conv.kernel == (1, 1) and head.row_width == 24 and head.columns(9) == slice(0, 24)
+    assert [layer.kind for layer in (first, second, head)] == ["conv 3x3", "conv 3x3/2", "conv 1x1"]
 
 
 QUANT_OPS = {
-    "qop_s8": {"torchscript": "QGemm", "skl2onnx": "QLinearMatMul+QLinearAdd", "convhead": "QLinearConv1x1"},
+    "qop_s8": {"torchscript": "QGemm", "skl2onnx": "QLinearMatMul+QLinearAdd", "convhead": "QLinearConv"},
     "dynamic_s8": {
         "torchscript": "MatMulInteger+Add",
         "skl2onnx": "MatMulInteger+Add",
-        "convhead": "ConvInteger1x1+Add",
+        "convhead": "ConvInteger+Add",
     },
 }
 
@@ -281,7 +284,10 @@ def test_fix_end_to_end(exporter: str, flavour: str, tmp_path: Path, capsys: pyt
     # only the repaired layer's weight (and bias) integers moved, and only in the chosen neurons' rows
     layer = pair_layer(float_model, quant, run.report["layer"]).quant_layer
     assert isinstance(layer.weight, QuantizedTensor)
-    allowed = {layer.weight.quantized} | ({layer.bias.quantized} if isinstance(layer.bias, QuantizedTensor) else set())
+    bias = layer.bias
+    allowed = {layer.weight.quantized} | (
+        {bias.quantized} if isinstance(bias, QuantizedTensor) else {bias.initializer} if bias is not None else set()
+    )
     changed = {name for name in before if before[name] != after[name]}
     assert changed <= allowed, changed
     rows = np.flatnonzero(np.any(weight_matrix(quant, layer) != weight_matrix(repaired, layer), axis=1))
@@ -397,4 +403,4 @@ def test_list_layers_names_every_repairable_layer(
         row.pair is not None for row in rows
     )
     if flavour != "qdq_s8_tensor" and (exporter, flavour) not in UNSUPPORTED:
-        assert all(row.weights.endswith(("QGemm", "QLinearConv1x1", "MatMulInteger", "Add")) for row in rows)
+        assert all(row.weights.endswith(("QGemm", "QLinearConv", "MatMulInteger", "Add")) for row in rows)

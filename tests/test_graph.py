@@ -216,7 +216,7 @@ def test_pair_layer_no_dense_layers() -> None:
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
     check_full(model)
-    with pytest.raises(UnsupportedModelError, match="no dense layer"):
+    with pytest.raises(UnsupportedModelError, match="no repairable layer"):
         pair_layer(model, model, None)
 
 

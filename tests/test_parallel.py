@@ -13,10 +13,11 @@ from conftest import DigitsExample
 from helpers_issue3 import image_set, run_fix
 
 from onnxrepair import methods, runtime
+from onnxrepair.activity import read_layer_activity
 from onnxrepair.config import Encoding, Metric, SolveConfig
 from onnxrepair.errors import DataError, ResourceError
 from onnxrepair.graph import pair_layer
-from onnxrepair.methods import Method, read_layer_activity, repair_layer
+from onnxrepair.methods import Method, repair_layer
 from onnxrepair.parallel import ProcessExecutor, SerialExecutor, available_cores
 from onnxrepair.runtime import default_batch_size, select_providers
 

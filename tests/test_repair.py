@@ -10,12 +10,12 @@ import onnx
 import pytest
 from conftest import DigitsExample, check_full
 
+from onnxrepair.activity import read_layer_activity
 from onnxrepair.config import Encoding, Metric, RepairConfig, SolveConfig
 from onnxrepair.data import ImageSet
 from onnxrepair.errors import ModelPairingError
 from onnxrepair.graph import initializers, layer_parameters, pair_layer
 from onnxrepair.localize import rank_neurons
-from onnxrepair.methods import read_layer_activity
 from onnxrepair.progress import NoProgress
 from onnxrepair.repair import list_layers, repair
 from onnxrepair.report import report_dict

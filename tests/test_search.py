@@ -10,10 +10,10 @@ import pytest
 from conftest import DigitsExample, check_full
 from helpers_issue3 import image_set, initializer_arrays, one_line, run_fix, top1
 
+from onnxrepair.activity import read_layer_activity
 from onnxrepair.config import Encoding, RepairConfig, SearchConfig, SolveConfig
 from onnxrepair.data import load_image_folder, preprocessing_for_input, stratified_split
 from onnxrepair.graph import input_spec, pair_layer
-from onnxrepair.methods import read_layer_activity
 from onnxrepair.repair import repair, resolve_layers
 from onnxrepair.search import candidate_methods
 from onnxrepair.spectrum import activation_flips, collect_spectrum, failing_mask
@@ -57,7 +57,7 @@ def test_search_returns_a_model_that_beats_quant_on_the_holdout(models, folder_s
     repair_set, val_set = folder_sets
     # No top-N candidates: the few left all finish well inside the budget, so no timing decides the result.
     # The out-of-fold check is off: this test is about the held-out mechanics (the check has its own tests).
-    search = SearchConfig(budget=600.0, holdout_fraction=0.25, neuron_counts=(), confirm_folds=0)
+    search = SearchConfig(budget=600.0, neuron_counts=(), confirm_folds=0)
     result = repair(float_model, quant_model, repair_set, val_set, RepairConfig(search=search))
 
     # The held-out part, recomputed here: the same stratified split of the repair images.
@@ -95,7 +95,7 @@ def test_search_returns_a_model_that_beats_quant_on_the_holdout(models, folder_s
 def test_tiny_budget_tries_nothing_and_returns_no_model(models, folder_sets) -> None:  # type: ignore[no-untyped-def]
     float_model, quant_model = models
     repair_set, val_set = folder_sets
-    config = RepairConfig(search=SearchConfig(budget=1e-3, holdout_fraction=0.25))
+    config = RepairConfig(search=SearchConfig(budget=1e-3))
     result = repair(float_model, quant_model, repair_set, val_set, config)
     assert [t.method for t in result.trials] == ["unrepaired"]
     assert result.model is None and result.layers == []
@@ -155,7 +155,7 @@ def test_cli_search_exits_1_when_nothing_beats_quant(
     assert search["holdout_after"] == search["holdout_before"]
     tried = search["tried"]
     labels = [t["method"] for t in tried]
-    full = candidate_labels(SearchConfig(budget=budget, holdout_fraction=0.25))
+    full = candidate_labels(SearchConfig(budget=budget))
     assert labels == full[: len(labels)]  # in order, however far the budget let it go
     assert [t["kept"] for t in tried] == [True] + [False] * (len(tried) - 1)
     for t in tried[1:]:
@@ -191,7 +191,7 @@ def test_resolve_layers(models) -> None:  # type: ignore[no-untyped-def]
     assert resolve_layers(float_model, ()) == ["/fc2/Gemm"]
     assert resolve_layers(float_model, ("last:2",)) == ["/fc1/Gemm", "/fc2/Gemm"]
     assert resolve_layers(float_model, ("last:5",)) == ["/fc1/Gemm", "/fc2/Gemm"]
-    assert resolve_layers(float_model, ("/fc2/Gemm", "/fc1/Gemm")) == ["/fc2/Gemm", "/fc1/Gemm"]
+    assert resolve_layers(float_model, ("/fc2/Gemm", "/fc1/Gemm")) == ["/fc1/Gemm", "/fc2/Gemm"]  # graph order
     assert resolve_layers(float_model, ("/fc1/Gemm", "last:1", "/fc2/Gemm")) == ["/fc1/Gemm", "/fc2/Gemm"]
 
 
@@ -203,7 +203,9 @@ def digits_sets(digits: DigitsExample):  # type: ignore[no-untyped-def]
 def test_layers_are_repaired_in_order_on_the_patched_model(models, digits_sets) -> None:  # type: ignore[no-untyped-def]
     float_model, quant_model = models
     repair_set, val_set = digits_sets
-    config = RepairConfig(layers=("/fc1/Gemm", "/fc2/Gemm"), solve=SolveConfig(encoding=Encoding.BIAS_CORRECTION))
+    config = RepairConfig(
+        layers=("/fc1/Gemm", "/fc2/Gemm"), solve=SolveConfig(encoding=Encoding.BIAS_CORRECTION), guard=False
+    )
     result = repair(float_model, quant_model, repair_set, val_set, config)
     assert [layer.pair.float_layer.name for layer in result.layers] == ["/fc1/Gemm", "/fc2/Gemm"]
     assert result.model is not None
@@ -233,6 +235,7 @@ def test_layers_are_repaired_in_order_on_the_patched_model(models, digits_sets) 
 
 def test_cli_repeated_layer_and_last_k(digits: DigitsExample, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
     common = [digits.float_path, digits.quant_path, digits.images, "--encoding", "soft", "--neurons", "2", "-q"]
+    common.append("--no-guard")  # the order and the layers are under test here, not the guard
     explicit = run_fix(
         capsys,
         *common,

@@ -7,8 +7,8 @@ import onnx
 import pytest
 from conftest import DigitsExample, run_model
 
+from onnxrepair.activity import read_layer_activity
 from onnxrepair.graph import initializers, layer_parameters, pair_layer
-from onnxrepair.methods import read_layer_activity
 from onnxrepair.progress import NoProgress
 from onnxrepair.spectrum import activation_flips, collect_spectrum, failing_mask
 

@@ -19,11 +19,13 @@ from onnxrepair.graph import find_layers, rejected_layers
 FIXTURES = Path(__file__).parent / "fixtures"
 
 
-def conv_model(kernel: int, size: int, pads: int = 0, group: int = 1, pool: bool = False) -> onnx.ModelProto:
-    """input [N,4,size,size] -> Conv(10 out, kernel x kernel) named 'head' [-> GlobalAveragePool] -> Flatten."""
+def conv_model(
+    kernel: int, size: int, pads: int = 0, group: int = 1, pool: bool = False, dims: int = 2
+) -> onnx.ModelProto:
+    """input [N,4,size(,size)] -> Conv(10 out, kernel^dims) named 'head' [-> GlobalAveragePool] -> Flatten."""
     rng = np.random.default_rng(0)
-    w = rng.normal(size=(10, 4 // group, kernel, kernel)).astype(np.float32)
-    nodes = [helper.make_node("Conv", ["input", "w", "b"], ["y"], name="head", pads=[pads] * 4, group=group)]
+    w = rng.normal(size=(10, 4 // group, *[kernel] * dims)).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["input", "w", "b"], ["y"], name="head", pads=[pads] * 2 * dims, group=group)]
     last = "y"
     if pool:
         nodes.append(helper.make_node("GlobalAveragePool", ["y"], ["pooled"], name="pool"))
@@ -32,7 +34,7 @@ def conv_model(kernel: int, size: int, pads: int = 0, group: int = 1, pool: bool
     graph = helper.make_graph(
         nodes,
         "conv",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 4, size, size])],
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 4, *[size] * dims])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", None])],
         [numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.zeros(10, np.float32), "b")],
     )
@@ -42,29 +44,27 @@ def conv_model(kernel: int, size: int, pads: int = 0, group: int = 1, pool: bool
 
 
 @pytest.mark.parametrize(
-    ("options", "words"),
+    ("options", "kind"),
     [
-        ({"kernel": 1, "size": 1}, None),  # the supported case: a 1x1 Conv over a 1x1 map
-        ({"kernel": 3, "size": 4, "pool": True}, ("Conv 'head'", "kernel 3x3")),
-        ({"kernel": 1, "size": 2}, ("Conv 'head'", "over a 2x2 feature map")),
-        ({"kernel": 1, "size": 1, "pads": 1}, ("Conv 'head'", "padded")),
-        ({"kernel": 1, "size": 1, "group": 2}, ("Conv 'head'", "group=2")),
+        ({"kernel": 1, "size": 1}, "conv 1x1"),  # a 1x1 Conv over a 1x1 map: one row per image, as a dense layer
+        ({"kernel": 3, "size": 4, "pool": True}, "conv 3x3"),
+        ({"kernel": 1, "size": 2}, "conv 1x1"),
+        ({"kernel": 1, "size": 1, "pads": 1}, "conv 1x1"),
+        ({"kernel": 1, "size": 1, "group": 2}, "conv 1x1 g2"),
     ],
 )
-def test_conv_heads(options: dict, words: tuple[str, ...] | None) -> None:
-    model = conv_model(**options)
-    if words is None:
-        (layer,) = find_layers(model)
-        assert (layer.op, layer.n_in, layer.n_out) == ("Conv1x1", 4, 10)
-        x = np.random.default_rng(1).normal(size=(3, 4, 1, 1)).astype(np.float32)
-        (y,) = run_model(model, x)
-        w = numpy_helper.to_array(model.graph.initializer[0]).reshape(10, 4)
-        np.testing.assert_allclose(y, x.reshape(3, 4) @ w.T, rtol=1e-5, atol=1e-5)
-        return
+def test_2d_convolutions_are_layers(options: dict, kind: str) -> None:
+    (layer,) = find_layers(conv_model(**options))
+    assert (layer.op, layer.kind, layer.n_out) == ("Conv", kind, 10)
+    assert layer.n_in == 4 // options.get("group", 1) * options["kernel"] ** 2
+
+
+@pytest.mark.parametrize(("dims", "words"), [(1, "a 1-D convolution"), (3, "a 3-D convolution")])
+def test_other_convolutions_are_named_with_the_reason(dims: int, words: str) -> None:
+    model = conv_model(3, 5, pads=1, pool=True, dims=dims)
     assert find_layers(model) == []
     (rejected,) = rejected_layers(model)
-    for word in words:
-        assert word in rejected.describe()
+    assert "Conv 'head'" in rejected.describe() and words in rejected.reason
 
 
 def fix_exit(
@@ -93,32 +93,41 @@ def test_quant_layer_with_weights_behind_a_node_is_named(tmp_path: Path, capsys:
     assert not (tmp_path / "r.onnx").exists()
 
 
-def test_layer_option_naming_a_3x3_conv(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_layer_option_naming_a_node_that_is_no_layer(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, err, _ = fix_exit(
         tmp_path,
         capsys,
         FIXTURES / "convhead.float.onnx",
         FIXTURES / "convhead.qdq_s8_tensor.onnx",
         "--layer",
-        "/0/Conv",
+        "/1/Relu",
     )
     assert code == 2
-    assert "Conv '/0/Conv': kernel 3x3" in err and "'/5/Conv'" in err
+    assert "FLOAT has no layer named '/1/Relu'" in err and "'/0/Conv', '/2/Conv', '/5/Conv'" in err
 
 
-def test_model_without_any_dense_layer(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """A CNN whose classifier is a 3x3 Conv + GlobalAveragePool: the message lists the Conv and why."""
-    model = conv_model(3, 8, pads=1, pool=True)
-    model.graph.input[0].CopyFrom(helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 1, 8, 8]))
-    model.graph.initializer[0].CopyFrom(
-        numpy_helper.from_array(np.random.default_rng(0).normal(size=(10, 1, 3, 3)).astype(np.float32), "w")
-    )
-    check_full(model)
-    path = tmp_path / "float.onnx"
-    onnx.save(model, str(path))
-    code, err, _ = fix_exit(tmp_path, capsys, path, FIXTURES / "convhead.qdq_s8_tensor.onnx")
+def test_model_without_any_repairable_layer(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A classifier whose only Conv is 1-D: the message lists the Conv and why."""
+    from onnxruntime.quantization import QuantFormat, quantize_static
+
+    model = conv_model(3, 8, pads=1, pool=True, dims=1)
+    float_path, quant_path = tmp_path / "float.onnx", tmp_path / "quant.onnx"
+    onnx.save(model, str(float_path))
+    x = np.random.default_rng(0).normal(size=(8, 4, 8)).astype(np.float32)
+    quantize_static(str(float_path), str(quant_path), ArrayReader(x), quant_format=QuantFormat.QDQ)
+    code, err, _ = fix_exit(tmp_path, capsys, float_path, quant_path)
     assert code == 2
-    assert "FLOAT has no dense layer" in err and "Conv 'head': kernel 3x3" in err
+    assert "FLOAT has no repairable layer" in err and "Conv 'head': a 1-D convolution" in err
+
+
+class ArrayReader:
+    """An onnxruntime calibration reader over one array, one input at a time."""
+
+    def __init__(self, x: np.ndarray) -> None:
+        self.items = iter([{"input": x[i : i + 1]} for i in range(len(x))])
+
+    def get_next(self) -> dict | None:
+        return next(self.items, None)
 
 
 def test_gemm_with_alpha_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

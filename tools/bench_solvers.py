@@ -17,10 +17,11 @@ from pathlib import Path
 
 import numpy as np
 
+from onnxrepair.activity import read_layer_activity
 from onnxrepair.config import Encoding, SolveConfig, SolverBackend
 from onnxrepair.data import load_image_folder, preprocessing_for_input
 from onnxrepair.graph import input_spec, layer_parameters, load_model, pair_layer
-from onnxrepair.repair import NoProgress, read_layer_activity
+from onnxrepair.repair import NoProgress
 from onnxrepair.solve import NeuronProblem, solve_neuron
 
 

@@ -119,10 +119,11 @@ def compare_naive(cache: Path, sample: int, seed: int, time_limit: float) -> tup
     """Full program vs row generation on `sample` neurons of the head (every neuron ranked, sampled evenly)."""
     import onnx
 
+    from onnxrepair.activity import read_layer_activity
     from onnxrepair.config import SolveConfig
     from onnxrepair.data import load_array_file
     from onnxrepair.graph import find_layers, input_spec, pair_layer
-    from onnxrepair.methods import layer_problems, read_layer_activity
+    from onnxrepair.methods import layer_problems
     from onnxrepair.solve import solve_neuron
 
     float_model = onnx.load(str(cache / "float.onnx"))
