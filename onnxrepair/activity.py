@@ -26,6 +26,7 @@ from onnxrepair.graph import (
     clips_negatives,
     input_spec,
     layer_parameters,
+    prefix,
     tap_layer,
     with_outputs,
 )
@@ -44,15 +45,16 @@ class LayerActivity:
     """One layer as the repair inputs show it, one row per (image, output position).
 
     For a dense layer the rows are the images. Attributes:
-        float_scores, quant_scores: [n, classes] both models' class scores per image.
+        float_scores, quant_scores: [n, classes] both models' class scores per image; None when
+            they were not read (a method that changes every channel needs no spectrum).
         float_pre, quant_pre: [r, channels] pre-activations at each row.
         quant_inputs: [r, row width] the layer input as the quantized model computes it
             (a convolution's patches; `Layer.columns` says which a channel reads).
         row_image: [r] the image each row comes from (an index into the scores).
     """
 
-    float_scores: NDArray[np.float32]
-    quant_scores: NDArray[np.float32]
+    float_scores: NDArray[np.float32] | None
+    quant_scores: NDArray[np.float32] | None
     float_pre: NDArray[np.float32]
     quant_pre: NDArray[np.float32]
     quant_inputs: NDArray[np.float32]
@@ -60,13 +62,15 @@ class LayerActivity:
 
     def is_output_layer(self) -> bool:
         """The layer's outputs are the class scores (up to a monotone map such as Softmax), one row per image."""
-        if self.float_pre.shape != (len(self.float_scores), self.float_scores.shape[1]):
+        if self.float_scores is None or self.float_pre.shape != self.float_scores.shape:
             return False
         same = np.argmax(self.float_pre, axis=1) == np.argmax(self.float_scores, axis=1)
         return bool(np.mean(same) >= 0.99)
 
-    def failing_rows(self) -> NDArray[np.bool_]:
-        """[r] True for the rows of images on which the two models disagree."""
+    def failing_rows(self) -> NDArray[np.bool_] | None:
+        """[r] True for the rows of images on which the two models disagree; None without scores."""
+        if self.float_scores is None or self.quant_scores is None:
+            return None
         return failing_mask(self.float_scores, self.quant_scores)[self.row_image]
 
 
@@ -74,8 +78,8 @@ class LayerActivity:
 class RowBatch:
     """The rows of one batch of images (see LayerActivity); `row_image` indexes the whole image set."""
 
-    float_scores: NDArray[np.float32]
-    quant_scores: NDArray[np.float32]
+    float_scores: NDArray[np.float32] | None
+    quant_scores: NDArray[np.float32] | None
     float_pre: NDArray[np.float32]
     quant_pre: NDArray[np.float32]
     quant_inputs: NDArray[np.float32]
@@ -101,24 +105,27 @@ def layer_row_batches(
     providers: Sequence[str] | None = None,
     positions_per_image: int | None = DEFAULT_POSITIONS_PER_IMAGE,
     seed: int = 0,
+    scores: bool = True,
 ) -> Iterator[RowBatch]:
     """Run tapped copies of both models over `x` and yield each batch's rows.
 
     A convolution's rows are taken at `positions_per_image` output positions
     per image (seeded by the image's index: the same rows for any batch size).
+    Without `scores`, each model runs only as far as the layer (graph.prefix).
 
     Raises:
         UnsupportedModelError: a layer's tensors do not have the shapes its weights imply.
     """
     progress = progress or NoProgress()
     f_layer, q_layer = pair.float_layer, pair.quant_layer
-    f_out, q_out = output_name(float_model), output_name(quant_model)
     # integer-operator layers: x and y are read through DequantizeLinear nodes added to the tapped copy
     f_model, _, f_pre = tap_layer(float_model, f_layer)
     q_model, q_in, q_pre = tap_layer(quant_model, q_layer)
-    f_names, q_names = [f_out, f_pre], [q_out, q_in, q_pre]
-    f_session, f_outputs = _tapped_session(f_model, "FLOAT", f_names, providers)
-    q_session, q_outputs = _tapped_session(q_model, "QUANT", q_names, providers)
+    f_out, q_out = (output_name(float_model), output_name(quant_model)) if scores else (None, None)
+    f_names = [f_pre] + ([f_out] if f_out else [])
+    q_names = [q_in, q_pre] + ([q_out] if q_out else [])
+    f_session, f_outputs = _tapped_session(f_model, "FLOAT", f_names, providers, whole=scores)
+    q_session, q_outputs = _tapped_session(q_model, "QUANT", q_names, providers, whole=scores)
     fused_relu = q_layer.output_encoding is not None and clips_negatives(quant_model, q_layer.output_encoding)
     if fused_relu:
         # A Relu fused into the integer output: y = max(pre, 0) hides how negative each neuron is (bias
@@ -129,19 +136,19 @@ def layer_row_batches(
         stream_batched(q_session, x, q_outputs, batch_size),
         strict=True,
     )
-    with progress.task("reading spectra", len(x)) as advance:
+    with progress.task("reading spectra" if scores else "reading the layer", len(x)) as advance:
         for (start, f), (_, q) in batches:
-            f_values = _with_graph_input(f, f_names, f_outputs, x[start : start + len(f[f_out])])
-            q_values = _with_graph_input(q, q_names, q_outputs, x[start : start + len(q[q_out])])
-            n = len(f_values[f_out])
+            n = min(batch_size, len(x) - start)
+            f_values = _with_graph_input(f, f_names, f_outputs, x[start : start + n])
+            q_values = _with_graph_input(q, q_names, q_outputs, x[start : start + n])
             rows, f_rows, q_rows, image = _rows(
                 q_layer, f_values[f_pre], q_values[q_in], q_values[q_pre], start, positions_per_image, seed
             )
             if fused_relu:
                 q_rows = grouped_linear(rows, weights, bias, q_layer.groups).astype(np.float32)
             yield RowBatch(
-                float_scores=f_values[f_out].reshape(n, -1),
-                quant_scores=q_values[q_out].reshape(n, -1),
+                float_scores=f_values[f_out].reshape(n, -1) if f_out else None,
+                quant_scores=q_values[q_out].reshape(n, -1) if q_out else None,
                 float_pre=f_rows,
                 quant_pre=q_rows,
                 quant_inputs=rows,
@@ -161,33 +168,59 @@ def read_layer_activity(
     providers: Sequence[str] | None = None,
     positions_per_image: int | None = DEFAULT_POSITIONS_PER_IMAGE,
     seed: int = 0,
+    scores: bool = True,
 ) -> LayerActivity:
     """Every row of `layer_row_batches`, kept (a convolution's positions per image cut to fit MAX_ROW_BYTES).
 
-    `providers`: ONNX Runtime execution providers (default: CUDA when present, then CPU).
+    `providers`: ONNX Runtime execution providers (default: CUDA when present, then CPU). Rows are
+    written into arrays sized once from the first batch (every image gives as many rows), so the
+    whole set is held once, not twice.
     """
-    per_image = positions_within(pair.quant_layer, len(x), positions_per_image)
-    batches = list(
-        layer_row_batches(
-            float_model,
-            quant_model,
-            pair,
-            x,
-            batch_size,
-            progress,
-            providers=providers,
-            positions_per_image=per_image,
-            seed=seed,
-        )
-    )
-    if not batches:
+    if len(x) == 0:
         raise UnsupportedModelError("there are no images to read the layer with")
-    return LayerActivity(
-        **{
-            field: np.concatenate([getattr(batch, field) for batch in batches])
-            for field in ("float_scores", "quant_scores", "float_pre", "quant_pre", "quant_inputs", "row_image")
-        }
+    per_image = positions_within(pair.quant_layer, len(x), positions_per_image)
+    batches = layer_row_batches(
+        float_model,
+        quant_model,
+        pair,
+        x,
+        batch_size,
+        progress,
+        providers=providers,
+        positions_per_image=per_image,
+        seed=seed,
+        scores=scores,
     )
+    arrays: dict[str, NDArray] = {}
+    rows_filled = images_filled = 0
+    for batch in batches:
+        n_images = len(np.unique(batch.row_image))
+        n_rows = len(batch.row_image)
+        if not arrays:
+            rows_per_image = n_rows // max(n_images, 1)
+            for field in _ROW_FIELDS:
+                value = getattr(batch, field)
+                arrays[field] = np.empty((rows_per_image * len(x), *value.shape[1:]), value.dtype)
+            for field in _IMAGE_FIELDS:
+                value = getattr(batch, field)
+                if value is not None:
+                    arrays[field] = np.empty((len(x), *value.shape[1:]), value.dtype)
+        for field in _ROW_FIELDS:
+            arrays[field][rows_filled : rows_filled + n_rows] = getattr(batch, field)
+        for field in _IMAGE_FIELDS:
+            if field in arrays:
+                arrays[field][images_filled : images_filled + n_images] = getattr(batch, field)
+        rows_filled += n_rows
+        images_filled += n_images
+    return LayerActivity(
+        float_scores=arrays.get("float_scores"),
+        quant_scores=arrays.get("quant_scores"),
+        **{field: arrays[field][:rows_filled] for field in _ROW_FIELDS},
+    )
+
+
+_ROW_FIELDS = ("float_pre", "quant_pre", "quant_inputs", "row_image")
+_IMAGE_FIELDS = ("float_scores", "quant_scores")
 
 
 def _rows(
@@ -215,12 +248,16 @@ def _rows(
 
 
 def _tapped_session(
-    model: onnx.ModelProto, role: str, names: list[str], providers: Sequence[str] | None
+    model: onnx.ModelProto, role: str, names: list[str], providers: Sequence[str] | None, whole: bool
 ) -> tuple[object, list[str]]:
-    """A session of `model` that outputs `names` (the graph input, when asked for, is not run: it is `x`)."""
+    """A session that outputs `names` (the graph input, when asked for, is not run: it is `x`).
+
+    `whole`: the whole model with the names added as outputs; else only what computes them (graph.prefix).
+    """
     input_name = input_spec(model).name
     outputs = [n for n in dict.fromkeys(names) if n != input_name]
-    return make_session(with_outputs(model, outputs), role, providers), outputs
+    session_model = with_outputs(model, outputs) if whole else prefix(model, outputs)
+    return make_session(session_model, role, providers), outputs
 
 
 def _with_graph_input(

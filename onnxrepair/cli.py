@@ -29,6 +29,7 @@ from onnxrepair.config import (
     ALL_NEURONS,
     LOGIT_MARGIN,
     SIGN_MARGIN,
+    WHOLE_LAYER_ENCODINGS,
     Encoding,
     Metric,
     Objective,
@@ -67,7 +68,6 @@ from onnxrepair.parallel import available_cores
 from onnxrepair.plot import plot_importance
 from onnxrepair.quantize import CALIBRATIONS, WEIGHT_TYPES, QuantizeConfig, quantize
 from onnxrepair.repair import (
-    WHOLE_LAYER_ENCODINGS,
     default_encoding,
     list_layers,
     repair,

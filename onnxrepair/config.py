@@ -130,6 +130,8 @@ class SearchConfig:
     confidence: float = 0.95
 
 
+# encodings that change every channel of a layer unless told otherwise
+WHOLE_LAYER_ENCODINGS = frozenset({Encoding.RECONSTRUCT, Encoding.BIAS_CORRECTION})
 ALL_NEURONS = 2**31 - 1  # `neurons` for "every neuron of the layer"
 # Output positions of a convolution kept as rows per image (all of them on smaller maps). Measured in
 # docs/BENCHMARKS.md ("Positions per image").

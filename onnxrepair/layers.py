@@ -38,11 +38,14 @@ Reading only: nothing here changes a model.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
 
 DEQUANTIZE_OPS = frozenset({"DequantizeLinear"})
 QUANTIZE_OPS = frozenset({"QuantizeLinear"})
@@ -189,6 +192,8 @@ class Layer:
         input_encoding, output_encoding: how x and y are stored when they are
             integer tensors (integer-operator formats); None for float tensors.
         conv: the convolution's geometry; None for a dense layer.
+        clip: the range a Relu or Clip right after the layer clips its output to (in this model; a
+            quantizer may have removed it); None without one.
     """
 
     name: str
@@ -203,6 +208,7 @@ class Layer:
     input_encoding: IntegerTensor | None = None
     output_encoding: IntegerTensor | None = None
     conv: ConvGeometry | None = None
+    clip: tuple[float, float] | None = None
 
     @property
     def quantized(self) -> bool:
@@ -243,14 +249,14 @@ class RejectedLayer:
 def find_layers(model: onnx.ModelProto) -> list[Layer]:
     """All repairable layers (dense and convolutions), in graph order."""
     index = _GraphIndex(model)
-    found = (index.dense_layer(node) for node in model.graph.node)
+    found = (index.layer(node) for node in model.graph.node)
     return [layer for layer in found if isinstance(layer, Layer)]
 
 
 def rejected_layers(model: onnx.ModelProto) -> list[RejectedLayer]:
     """Nodes of a layer-like op (Gemm, MatMul, Conv, their integer forms) that are not repairable, with the reason."""
     index = _GraphIndex(model)
-    found = (index.dense_layer(node) for node in model.graph.node)
+    found = (index.layer(node) for node in model.graph.node)
     return [layer for layer in found if isinstance(layer, RejectedLayer)]
 
 
@@ -278,7 +284,7 @@ class _GraphIndex:
                 self.consumers.setdefault(name, []).append(node)
         self.graph_outputs = {o.name for o in model.graph.output}
 
-    def dense_layer(self, node: onnx.NodeProto) -> Layer | RejectedLayer | None:
+    def layer(self, node: onnx.NodeProto) -> Layer | RejectedLayer | None:
         """The layer `node` computes; a rejection with its reason; None for nodes of other ops."""
         if node.op_type not in LAYER_OPS or node.domain not in ("", "ai.onnx", "com.microsoft"):
             return None
@@ -293,11 +299,33 @@ class _GraphIndex:
             "ConvInteger": self._conv_integer,
         }[node.op_type]
         try:
-            return read(node)
+            layer = read(node)
         except _Reject as reject:
             return RejectedLayer(node.name, node.op_type, str(reject))
         except (ValueError, IndexError, KeyError, TypeError) as exc:  # a form no reader expects: one node, not all
             return RejectedLayer(node.name, node.op_type, f"not a form onnxrepair reads ({type(exc).__name__}: {exc})")
+        return dataclasses.replace(layer, clip=self.clip_after(layer.output_tensor))
+
+    def clip_after(self, tensor: str) -> tuple[float, float] | None:
+        """The range a Relu or Clip that alone reads `tensor` clips it to; None when no such node follows."""
+        users = self.consumers.get(tensor, [])
+        if len(users) != 1 or tensor in self.graph_outputs:
+            return None
+        user = users[0]
+        if user.op_type == "Relu":
+            return (0.0, math.inf)
+        if user.op_type != "Clip":
+            return None
+        bounds = [-math.inf, math.inf]
+        attrs = _attributes(user)
+        if "min" in attrs or "max" in attrs:  # opset < 11
+            bounds = [float(attrs.get("min", -math.inf)), float(attrs.get("max", math.inf))]
+        for position in (1, 2):
+            if _has(user, position):
+                if user.input[position] not in self.inits:
+                    return None
+                bounds[position - 1] = float(numpy_helper.to_array(self.inits[user.input[position]]))
+        return (bounds[0], bounds[1])
 
     # --- float and QDQ forms -------------------------------------------------------------------
 

@@ -24,7 +24,7 @@ import onnx
 from numpy.typing import NDArray
 
 from onnxrepair.activity import LayerActivity
-from onnxrepair.config import Encoding, Metric, SolveConfig
+from onnxrepair.config import WHOLE_LAYER_ENCODINGS, Encoding, Metric, SolveConfig
 from onnxrepair.errors import UnsupportedModelError
 from onnxrepair.graph import Layer, LayerGrid, LayerPair, layer_grid, layer_parameters
 from onnxrepair.localize import rank_neurons, suspiciousness
@@ -55,6 +55,12 @@ class Method:
     metric: Metric = Metric.EUCLID
     neurons: int = 10
 
+    def changes_every_channel(self, n_out: int) -> bool:
+        """No ranking needed: every channel of the layer is repaired (so no spectrum either)."""
+        return self.encoding in WHOLE_LAYER_ENCODINGS and (
+            self.encoding is Encoding.BIAS_CORRECTION or self.neurons >= n_out
+        )
+
     def describe(self, n_out: int | None = None) -> str:
         if self.encoding is Encoding.BIAS_CORRECTION:
             return "bias-correction (all neurons)"
@@ -71,14 +77,17 @@ class LayerRepair:
     Attributes:
         selected: the neurons given to the solver, most suspicious first.
         solutions: one per selected neuron, solved or not, in the same order.
+        spectrum: the activation spectrum of the repair rows; None when the layer was read without
+            class scores (a method over every channel ranks nothing).
         sqnr_before, sqnr_after: SQNR (dB) of the layer's pre-activation against FLOAT's over the
-            repair rows, before and after the change as written (integers rounded).
+            repair rows (at most _SQNR_ROWS of them, evenly spaced), before and after the change as
+            written (integers rounded).
         rows: rows the layer was repaired on (images, or images x positions of a convolution).
     """
 
     pair: LayerPair
     method: Method
-    spectrum: Spectrum
+    spectrum: Spectrum | None
     scores: NDArray[np.float64]
     selected: list[int]
     solutions: list[NeuronSolution]
@@ -123,9 +132,15 @@ def repair_layer(
             or bias correction on a layer without bias.
     """
     progress = progress or NoProgress()
-    spectrum = collect_spectrum(activity.failing_rows(), activation_flips(activity.float_pre, activity.quant_pre))
-    scores = suspiciousness(spectrum, method.metric, seed)
     layer = pair.quant_layer
+    failing = activity.failing_rows()
+    if failing is None:  # read without class scores: no spectrum, channels in their order
+        if neurons is None and not method.changes_every_channel(layer.n_out):
+            raise ValueError("ranking neurons needs the class scores: read the layer with scores=True")
+        spectrum, scores = None, np.zeros(layer.n_out)
+    else:
+        spectrum = collect_spectrum(failing, activation_flips(activity.float_pre, activity.quant_pre))
+        scores = suspiciousness(spectrum, method.metric, seed)
     config = dataclasses.replace(solve_config, encoding=method.encoding)
     started = time.perf_counter()
     if method.encoding is Encoding.BIAS_CORRECTION:
@@ -135,7 +150,7 @@ def repair_layer(
         ranked = rank_neurons(scores)[: method.neurons] if neurons is None else neurons
         selected = [int(i) for i in ranked]
         if method.encoding is Encoding.RECONSTRUCT:
-            solutions = _reconstruct(quant_model, layer, activity, selected, seed)
+            solutions = _reconstruct(quant_model, pair, activity, selected, seed)
         else:
             executor = executor or SerialExecutor()
             solutions = _solve(quant_model, pair, activity, selected, config, progress, deadline, executor)
@@ -168,13 +183,35 @@ def _sqnr_change(
     changed: list[int],
 ) -> tuple[float, float]:
     """SQNR of the layer's pre-activation on the rows, before and after the change as written."""
-    before = sqnr_db(activity.float_pre, activity.quant_pre)
+    sample = slice(None, None, max(1, len(activity.row_image) // _SQNR_ROWS))
+    float_pre, quant_pre = activity.float_pre[sample], activity.quant_pre[sample]
+    before = sqnr_db(float_pre, quant_pre)
     if not changed:
         return before, before
     old_w, old_b = layer_parameters(quant_model, layer)
     new_w, new_b = layer_parameters(repaired, layer)
-    moved = grouped_linear(activity.quant_inputs, new_w - old_w, new_b - old_b, layer.groups)
-    return before, sqnr_db(activity.float_pre, activity.quant_pre + moved)
+    moved = grouped_linear(activity.quant_inputs[sample], new_w - old_w, new_b - old_b, layer.groups)
+    return before, sqnr_db(float_pre, quant_pre + moved)
+
+
+_SQNR_ROWS = 20_000
+
+
+def clipped_target(
+    float_pre: NDArray[np.float32], quant_pre: NDArray[np.float32], clip: tuple[float, float] | None
+) -> NDArray[np.float32]:
+    """What the quantized pre-activation should be, given that a Relu or Clip follows the layer.
+
+    Where FLOAT's value is clipped (below the floor or above the ceiling), any value clipped the same way
+    gives the same output: the target there is the quantized value itself when it is clipped too (no error
+    to fix), else the clip bound. Fitting those rows to FLOAT's exact value would spend the few integer
+    steps a channel has on differences that the activation erases.
+    """
+    if clip is None:
+        return float_pre
+    low, high = clip
+    target = np.where(float_pre <= low, np.minimum(quant_pre, low), float_pre)
+    return np.where(float_pre >= high, np.maximum(quant_pre, high), target).astype(np.float32)
 
 
 # images held out of a reconstruction's fit: their rows decide which channels keep their change
@@ -182,8 +219,9 @@ RECONSTRUCT_CHECK_FRACTION = 0.25
 
 
 def _reconstruct(
-    quant_model: onnx.ModelProto, layer: Layer, activity: LayerActivity, selected: list[int], seed: int
+    quant_model: onnx.ModelProto, pair: LayerPair, activity: LayerActivity, selected: list[int], seed: int
 ) -> list[NeuronSolution]:
+    layer = pair.quant_layer
     images = np.unique(activity.row_image)
     if len(images) < 2:
         raise UnsupportedModelError(
@@ -197,7 +235,7 @@ def _reconstruct(
     result = reconstruct(
         ReconstructionProblem(
             rows=activity.quant_inputs,
-            target=activity.float_pre,
+            target=clipped_target(activity.float_pre, activity.quant_pre, pair.float_layer.clip),
             weights=weights,
             bias=bias,
             weight_step=grid.weight_step,

@@ -108,10 +108,6 @@ class RepairResult:
     guard: list[GuardStep] = field(default_factory=list)
 
 
-# encodings that change every channel of a layer unless --neurons says otherwise
-WHOLE_LAYER_ENCODINGS = frozenset({Encoding.RECONSTRUCT, Encoding.BIAS_CORRECTION})
-
-
 def default_encoding(layers: Sequence[Layer]) -> Encoding:
     """`soft` for one dense layer (the paper's setting); `reconstruct` for convolutions and several layers.
 
@@ -244,6 +240,7 @@ def _repair(
                 layer_started = time.perf_counter()
                 pair = pair_layer(float_model, current, name)
                 logger.info("repairing layer %s (paired by %s)", pair.float_layer.name, pair.paired_by)
+                method = Method(config.solve.encoding, config.metric, config.neurons)
                 activity = read_layer_activity(
                     float_model,
                     current,
@@ -254,9 +251,9 @@ def _repair(
                     providers=config.providers or None,
                     positions_per_image=config.positions_per_image,
                     seed=config.seed,
+                    scores=not method.changes_every_channel(pair.quant_layer.n_out),
                 )
                 inference_seconds += time.perf_counter() - layer_started
-                method = Method(config.solve.encoding, config.metric, config.neurons)
                 step = time.perf_counter()
                 candidate, outcome = repair_layer(
                     current, pair, activity, method, config.solve, config.seed, progress, executor=executor

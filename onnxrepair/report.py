@@ -119,6 +119,26 @@ def report_dict(
         "onnxrepair_version": __version__,
         "layers": [_layer_dict(layer) for layer in result.layers],
         "search": None if config.search is None else _search_dict(result, config),
+        "guard": _guard_dict(result) if result.guard else None,
+    }
+
+
+def _guard_dict(result: RepairResult) -> dict[str, Any]:
+    return {
+        "holdout_size": result.holdout_size,
+        "holdout_before": _score_dict(result.holdout_before),
+        "holdout_after": _score_dict(result.holdout_after),
+        "layers": [
+            {
+                "layer": step.repair.pair.float_layer.name,
+                "kept": step.kept,
+                "holdout_agreement": step.holdout.agreement,
+                "holdout_accuracy": step.holdout.accuracy,
+                "holdout_divergence": step.holdout.output_error,
+                "seconds": step.seconds,
+            }
+            for step in result.guard
+        ],
     }
 
 
@@ -159,7 +179,14 @@ def _layer_dict(layer: LayerRepair) -> dict[str, Any]:
         "method": layer.method.describe(layer.pair.quant_layer.n_out),
         "encoding": layer.method.encoding.value,
         "metric": layer.method.metric.value,
-        "repair_failing": layer.spectrum.n_failing,
+        "kind": layer.pair.quant_layer.kind,
+        "repair_failing": None if layer.spectrum is None else layer.spectrum.n_failing,
+        "rows": layer.rows,
+        "channels_changed": len(_changed_channels(layer)),
+        "weights_changed": sum(rewrite.changed.values()),
+        "biases_changed": len(rewrite.bias_changed),
+        "sqnr_before": layer.sqnr_before,
+        "sqnr_after": layer.sqnr_after,
         "solve_seconds": layer.solve_seconds,
         "bias_reencoded": rewrite.bias_reencoded,
         "per_neuron": [
@@ -221,7 +248,14 @@ def nothing_better_reason(result: RepairResult) -> str:
 
 
 def _score_dict(score: Score | None) -> dict[str, float | None] | None:
-    return None if score is None else {"agreement": score.agreement, "accuracy": score.accuracy}
+    if score is None:
+        return None
+    return {"agreement": score.agreement, "accuracy": score.accuracy, "divergence": score.output_error}
+
+
+def _changed_channels(layer: LayerRepair) -> set[int]:
+    rewrite = layer.rewrite
+    return {n for n, count in rewrite.changed.items() if count} | set(rewrite.bias_changed)
 
 
 def print_summary(console: Console, result: RepairResult, config: RepairConfig) -> None:
@@ -245,8 +279,11 @@ def print_summary(console: Console, result: RepairResult, config: RepairConfig) 
     table.add_row("agreement with float", "", _pct(ev.quant_agreement), repaired_agreement)
     table.add_row("disagreements fixed / broken", "", "", f"{ev.fixed} / {ev.broken}" if written else "-")
     console.print(table)
-    for layer in result.layers:
-        _print_layer(console, layer)
+    if result.guard or len(result.layers) > _LAYER_LINES:
+        _print_layer_table(console, result)
+    else:
+        for layer in result.layers:
+            _print_layer(console, layer)
     t = result.timings
     stages = (
         f"search {t.search:.1f} s, "
@@ -263,6 +300,48 @@ def print_summary(console: Console, result: RepairResult, config: RepairConfig) 
             f"{check.broken} broken, sign test p = {check.p_value:.3g}: {verdict} ({check.seconds:.1f} s)"
         )
     console.print(f"time: {t.total:.1f} s ({stages}evaluation {t.evaluate:.1f} s)")
+
+
+_LAYER_LINES = 4  # more layers than this are summed up in a table, one row each
+
+
+def _print_layer_table(console: Console, result: RepairResult) -> None:
+    """One row per layer repaired (kept or rolled back by the guard), then the totals."""
+    steps = result.guard or [None] * len(result.layers)
+    repairs = [step.repair for step in result.guard] if result.guard else result.layers
+    title = "Layers, in order" + (f" (held-out: {result.holdout_size} repair images)" if result.guard else "")
+    table = Table(title=title, title_justify="left")
+    for column in ("layer", "kind", "channels changed", "weights", "biases", "SQNR dB", "held-out agreement", "kept"):
+        table.add_column(column, justify="left" if column in ("layer", "kind") else "right")
+    for layer, step in zip(repairs, steps, strict=True):
+        rewrite = layer.rewrite
+        sqnr = "" if layer.sqnr_before is None else f"{layer.sqnr_before:.1f} -> {layer.sqnr_after:.1f}"
+        table.add_row(
+            escape(layer.pair.float_layer.name),
+            layer.pair.quant_layer.kind,
+            f"{len(_changed_channels(layer))} / {layer.pair.quant_layer.n_out}",
+            str(sum(rewrite.changed.values())),
+            str(len(rewrite.bias_changed)),
+            sqnr,
+            "" if step is None else _pct(step.holdout.agreement),
+            "" if step is None else "[green]yes[/]" if step.kept else "[yellow]rolled back[/]",
+        )
+    console.print(table)
+    kept = result.layers
+    channels = sum(len(_changed_channels(layer)) for layer in kept)
+    weights = sum(sum(layer.rewrite.changed.values()) for layer in kept)
+    rolled_back = len(result.guard) - len(kept) if result.guard else 0
+    console.print(
+        f"{len(kept)} layer(s) changed"
+        + (f", {rolled_back} rolled back (no better on the held-out images)" if rolled_back else "")
+        + f": {channels} channels, {weights} integer weights",
+        soft_wrap=True,
+    )
+    if result.guard and result.holdout_before is not None and result.holdout_after is not None:
+        console.print(
+            f"held-out agreement {_pct(result.holdout_before.agreement)} -> {_pct(result.holdout_after.agreement)}",
+            soft_wrap=True,
+        )
 
 
 def _print_layer(console: Console, layer: LayerRepair) -> None:
@@ -320,22 +399,23 @@ def print_model_score(console: Console, model: Path, score: ModelScore, against:
 
 
 def print_layers(console: Console, rows: list[LayerRow], rejected: Sequence[RejectedLayer] = ()) -> None:
-    """The dense layers of FLOAT and whether each can be repaired; then the layer-like nodes that are not layers."""
-    table = Table(title="Dense layers of FLOAT (the last one is the default --layer)", title_justify="left")
+    """The layers of FLOAT and whether each can be repaired; then the layer-like nodes that are not layers."""
+    table = Table(title="Layers of FLOAT, in graph order (the last one is the default --layer)", title_justify="left")
     # The layer name is what --layer takes: never cut or wrapped.
     table.add_column("layer", no_wrap=True, min_width=max((len(r.layer.name) for r in rows), default=5))
-    for column in ("op", "in -> out", "QUANT layer", "QUANT weights", "repairable"):
+    for column in ("op", "kind", "in -> out", "QUANT layer", "QUANT weights", "repairable"):
         table.add_column(column, overflow="fold")
     for row in rows:
         shape = f"{row.layer.n_in} -> {row.layer.n_out}"
+        cells = [escape(row.layer.name), row.layer.op, row.layer.kind, shape]
         if row.pair is None:
-            table.add_row(escape(row.layer.name), row.layer.op, shape, "", "", f"[red]no[/]: {escape(row.reason)}")
+            table.add_row(*cells, "", "", f"[red]no[/]: {escape(row.reason)}")
         else:
             quant = f"{row.pair.quant_layer.name} (by {row.pair.paired_by})"
-            table.add_row(escape(row.layer.name), row.layer.op, shape, escape(quant), row.weights, "[green]yes[/]")
+            table.add_row(*cells, escape(quant), row.weights, "[green]yes[/]")
     console.print(table)
     for node in rejected:
-        console.print(f"not a dense layer: {escape(node.describe())}", highlight=False, soft_wrap=True)
+        console.print(f"not a layer: {escape(node.describe())}", highlight=False, soft_wrap=True)
 
 
 def print_inspection(console: Console, inspection: Inspection, command: str | None) -> None:

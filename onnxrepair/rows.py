@@ -61,7 +61,10 @@ def patch_rows(
     """
     n, channels, height, width = x.shape
     top, left, bottom, right = geometry.padding(height, width)
-    padded = np.pad(x, ((0, 0), (0, 0), (top, bottom), (left, right))) if top or left or bottom or right else x
+    padded = x
+    if top or left or bottom or right:  # (np.pad is several times slower than this for large maps)
+        padded = np.zeros((n, channels, height + top + bottom, width + left + right), dtype=x.dtype)
+        padded[:, :, top : top + height, left : left + width] = x
     (kh, kw), (sh, sw), (dh, dw) = geometry.kernel, geometry.strides, geometry.dilations
     span = ((kh - 1) * dh + 1, (kw - 1) * dw + 1)
     windows = sliding_window_view(padded, span, axis=(2, 3))[:, :, ::sh, ::sw, ::dh, ::dw]

@@ -385,8 +385,9 @@ def test_bias_correction_keeps_the_bias_encoding(
 @pytest.mark.parametrize("exporter", ["torchscript", "skl2onnx_zipmap", "convhead", "gemm_variants"])
 @pytest.mark.parametrize("flavour", ["qdq_s8_tensor", "qop_s8", "dynamic_s8"])
 def test_list_layers_names_every_repairable_layer(
-    exporter: str, flavour: str, capsys: pytest.CaptureFixture[str]
+    exporter: str, flavour: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setenv("COLUMNS", "200")  # the table's cells whole, as a wide terminal shows them
     args = [FIXTURES / f"{exporter}.float.onnx", FIXTURES / f"{exporter}.{flavour}.onnx"]
     code = main(["fix", "--list-layers", *map(str, args)])
     out = capsys.readouterr().out

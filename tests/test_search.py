@@ -204,7 +204,7 @@ def test_layers_are_repaired_in_order_on_the_patched_model(models, digits_sets) 
     float_model, quant_model = models
     repair_set, val_set = digits_sets
     config = RepairConfig(
-        layers=("/fc1/Gemm", "/fc2/Gemm"), solve=SolveConfig(encoding=Encoding.BIAS_CORRECTION), guard=False
+        layers=("/fc1/Gemm", "/fc2/Gemm"), solve=SolveConfig(encoding=Encoding.RECONSTRUCT), neurons=8, guard=False
     )
     result = repair(float_model, quant_model, repair_set, val_set, config)
     assert [layer.pair.float_layer.name for layer in result.layers] == ["/fc1/Gemm", "/fc2/Gemm"]
@@ -216,8 +216,9 @@ def test_layers_are_repaired_in_order_on_the_patched_model(models, digits_sets) 
     after_first = initializer_arrays(result.model)
     patched = onnx.ModelProto()
     patched.CopyFrom(quant_model)
-    fc1_bias = next(t for t in patched.graph.initializer if t.name == "fc1.bias_quantized")
-    fc1_bias.CopyFrom(onnx.numpy_helper.from_array(after_first["fc1.bias_quantized"], "fc1.bias_quantized"))
+    for name in ("fc1.weight_quantized", "fc1.bias_quantized"):
+        stored = next(t for t in patched.graph.initializer if t.name == name)
+        stored.CopyFrom(onnx.numpy_helper.from_array(after_first[name], name))
 
     def spectrum_of(model: onnx.ModelProto):  # type: ignore[no-untyped-def]
         activity = read_layer_activity(
