@@ -106,44 +106,57 @@ def layer_row_batches(
     positions_per_image: int | None = DEFAULT_POSITIONS_PER_IMAGE,
     seed: int = 0,
     scores: bool = True,
+    float_rows: NDArray[np.float32] | None = None,
 ) -> Iterator[RowBatch]:
     """Run tapped copies of both models over `x` and yield each batch's rows.
 
     A convolution's rows are taken at `positions_per_image` output positions
     per image (seeded by the image's index: the same rows for any batch size).
     Without `scores`, each model runs only as far as the layer (graph.prefix).
+    `float_rows`: FLOAT's pre-activation at these very rows, already read
+    (FloatTargets); FLOAT is then not run (and `scores` must be False).
 
     Raises:
         UnsupportedModelError: a layer's tensors do not have the shapes its weights imply.
     """
     progress = progress or NoProgress()
     f_layer, q_layer = pair.float_layer, pair.quant_layer
+    if float_rows is not None and scores:
+        raise ValueError("FLOAT's rows given: its class scores cannot be read as well")
     # integer-operator layers: x and y are read through DequantizeLinear nodes added to the tapped copy
     f_model, _, f_pre = tap_layer(float_model, f_layer)
     q_model, q_in, q_pre = tap_layer(quant_model, q_layer)
     f_out, q_out = (output_name(float_model), output_name(quant_model)) if scores else (None, None)
     f_names = [f_pre] + ([f_out] if f_out else [])
     q_names = [q_in, q_pre] + ([q_out] if q_out else [])
-    f_session, f_outputs = _tapped_session(f_model, "FLOAT", f_names, providers, whole=scores)
     q_session, q_outputs = _tapped_session(q_model, "QUANT", q_names, providers, whole=scores)
+    q_batches = stream_batched(q_session, x, q_outputs, batch_size)
+    if float_rows is None:
+        f_session, f_outputs = _tapped_session(f_model, "FLOAT", f_names, providers, whole=scores)
+        f_batches: Iterator[tuple[int, dict[str, NDArray]]] = stream_batched(f_session, x, f_outputs, batch_size)
+    else:
+        f_outputs, f_batches = [], ((start, {}) for start in range(0, len(x), batch_size))
     fused_relu = q_layer.output_encoding is not None and clips_negatives(quant_model, q_layer.output_encoding)
     if fused_relu:
         # A Relu fused into the integer output: y = max(pre, 0) hides how negative each neuron is (bias
         # correction needs it). The pre-activation is Q's exact integer accumulator, x @ W^T + b in reals.
         weights, bias = layer_parameters(quant_model, q_layer)
-    batches = zip(
-        stream_batched(f_session, x, f_outputs, batch_size),
-        stream_batched(q_session, x, q_outputs, batch_size),
-        strict=True,
-    )
+    filled = 0
     with progress.task("reading spectra" if scores else "reading the layer", len(x)) as advance:
-        for (start, f), (_, q) in batches:
+        for (start, f), (_, q) in zip(f_batches, q_batches, strict=True):
             n = min(batch_size, len(x) - start)
-            f_values = _with_graph_input(f, f_names, f_outputs, x[start : start + n])
             q_values = _with_graph_input(q, q_names, q_outputs, x[start : start + n])
-            rows, f_rows, q_rows, image = _rows(
-                q_layer, f_values[f_pre], q_values[q_in], q_values[q_pre], start, positions_per_image, seed
+            if float_rows is None:
+                f_values = _with_graph_input(f, f_names, f_outputs, x[start : start + n])
+                _check_conv_shapes(q_layer, q_values[q_in], f_values[f_pre], "FLOAT")
+            rows, q_rows, image, position = _rows(
+                q_layer, q_values[q_in], q_values[q_pre], start, positions_per_image, seed
             )
+            if float_rows is None:
+                f_rows = _at(q_layer, f_values[f_pre], image - start, position)
+            else:
+                f_rows = float_rows[filled : filled + len(image)]
+                filled += len(image)
             if fused_relu:
                 q_rows = grouped_linear(rows, weights, bias, q_layer.groups).astype(np.float32)
             yield RowBatch(
@@ -169,6 +182,7 @@ def read_layer_activity(
     positions_per_image: int | None = DEFAULT_POSITIONS_PER_IMAGE,
     seed: int = 0,
     scores: bool = True,
+    float_rows: NDArray[np.float32] | None = None,
 ) -> LayerActivity:
     """Every row of `layer_row_batches`, kept (a convolution's positions per image cut to fit MAX_ROW_BYTES).
 
@@ -190,6 +204,7 @@ def read_layer_activity(
         positions_per_image=per_image,
         seed=seed,
         scores=scores,
+        float_rows=float_rows,
     )
     arrays: dict[str, NDArray] = {}
     rows_filled = images_filled = 0
@@ -220,31 +235,112 @@ def read_layer_activity(
 
 
 _ROW_FIELDS = ("float_pre", "quant_pre", "quant_inputs", "row_image")
+
+
+class FloatTargets:
+    """FLOAT's pre-activation rows of a run's layers, read for several layers per pass.
+
+    FLOAT never changes during a repair, so the layers' targets need not be
+    read one pass per layer: a pass (as far as the last layer of a window)
+    taps a window of consecutive layers whose rows fit `budget_bytes`, and
+    the window moves on when a layer after it is asked for. The rows are those
+    `read_layer_activity` takes for QUANT (the same images, positions and
+    order), so they line up with its patches.
+    """
+
+    def __init__(
+        self,
+        float_model: onnx.ModelProto,
+        layers: Sequence[Layer],
+        x: NDArray[np.float32],
+        batch_size: int,
+        *,
+        providers: Sequence[str] | None = None,
+        positions_per_image: int | None = DEFAULT_POSITIONS_PER_IMAGE,
+        seed: int = 0,
+        budget_bytes: int = 2**30,
+        progress: Progress | None = None,
+    ) -> None:
+        self._model, self._layers, self._x = float_model, list(layers), x
+        self._batch_size, self._providers, self._seed = batch_size, providers, seed
+        self._per_image = {layer.name: positions_within(layer, len(x), positions_per_image) for layer in layers}
+        self._budget = budget_bytes
+        self._progress = progress or NoProgress()
+        self._window: dict[str, NDArray[np.float32]] = {}
+
+    def rows(self, name: str) -> NDArray[np.float32]:
+        """[rows, channels] FLOAT's pre-activation of layer `name` at its rows (reading a window when needed)."""
+        if name not in self._window:
+            start = [layer.name for layer in self._layers].index(name)
+            self._window = {}  # the rows before are done with: free them first
+            self._window = self._read(self._layers[start : start + self._fitting(start)])
+        return self._window[name]
+
+    def _fitting(self, start: int) -> int:
+        """How many layers from `start` fit the budget (at least one)."""
+        total, count = 0, 0
+        for layer in self._layers[start:]:
+            per_image = self._per_image[layer.name] or 1
+            total += len(self._x) * (per_image if layer.conv is not None else 1) * layer.n_out * 4
+            if count and total > self._budget:
+                break
+            count += 1
+        return count
+
+    def _read(self, layers: list[Layer]) -> dict[str, NDArray[np.float32]]:
+        outputs = [layer.output_tensor for layer in layers]
+        session = make_session(prefix(self._model, outputs), "FLOAT", self._providers)
+        parts: dict[str, list[NDArray[np.float32]]] = {layer.name: [] for layer in layers}
+        with self._progress.task(f"reading FLOAT ({len(layers)} layers)", len(self._x)) as advance:
+            for start, values in stream_batched(session, self._x, outputs, self._batch_size):
+                n = len(values[outputs[0]])
+                for layer in layers:
+                    pre = values[layer.output_tensor]
+                    if layer.conv is None:
+                        parts[layer.name].append(pre.reshape(n, -1))
+                        continue
+                    image, position = sample_positions(
+                        start + np.arange(n), pre.shape[2] * pre.shape[3], self._per_image[layer.name], self._seed
+                    )
+                    parts[layer.name].append(output_rows(pre, image, position))
+                advance(n)
+        return {name: np.concatenate(chunks) for name, chunks in parts.items()}
+
+
 _IMAGE_FIELDS = ("float_scores", "quant_scores")
 
 
 def _rows(
     layer: Layer,
-    float_pre: NDArray[np.float32],
     quant_input: NDArray[np.float32],
     quant_pre: NDArray[np.float32],
     start: int,
     per_image: int | None,
     seed: int,
-) -> tuple[NDArray[np.float32], NDArray[np.float32], NDArray[np.float32], NDArray[np.int64]]:
-    """(patches, float pre, quant pre, image index) of one batch's rows."""
-    n = len(float_pre)
+) -> tuple[NDArray[np.float32], NDArray[np.float32], NDArray[np.int64], NDArray[np.int64] | None]:
+    """(patches, quant pre, image index in the set, output position or None for a dense layer) of one batch."""
+    n = len(quant_input)
     if layer.conv is None:
-        flat_f, flat_q, flat_x = float_pre.reshape(n, -1), quant_pre.reshape(n, -1), quant_input.reshape(n, -1)
-        _check_width(flat_f, layer, "FLOAT")
+        flat_q, flat_x = quant_pre.reshape(n, -1), quant_input.reshape(n, -1)
         _check_width(flat_q, layer, "QUANT")
         _check_width(flat_x, layer, "QUANT", side="input")
-        return flat_x, flat_f, flat_q, start + np.arange(n)
-    _check_conv_shapes(layer, float_pre, quant_input, quant_pre)
-    positions = float_pre.shape[2] * float_pre.shape[3]
+        return flat_x, flat_q, start + np.arange(n), None
+    _check_conv_shapes(layer, quant_input, quant_pre, "QUANT")
+    positions = quant_pre.shape[2] * quant_pre.shape[3]
     image, position = sample_positions(start + np.arange(n), positions, per_image, seed)
     rows = patch_rows(quant_input, layer.conv, image, position)
-    return rows, output_rows(float_pre, image, position), output_rows(quant_pre, image, position), start + image
+    return rows, output_rows(quant_pre, image, position), start + image, position
+
+
+def _at(
+    layer: Layer, pre: NDArray[np.float32], image: NDArray[np.int64], position: NDArray[np.int64] | None
+) -> NDArray[np.float32]:
+    """A layer's output at the rows: the rows themselves for a dense layer, else the sampled positions."""
+    if position is None:
+        flat = pre.reshape(len(pre), -1)
+        _check_width(flat, layer, "FLOAT")
+        return flat
+    return output_rows(pre, image, position)
 
 
 def _tapped_session(
@@ -278,20 +374,18 @@ def _check_width(values: NDArray, layer: Layer, role: str, side: str = "output")
         )
 
 
-def _check_conv_shapes(
-    layer: Layer, float_pre: NDArray[np.float32], quant_input: NDArray[np.float32], quant_pre: NDArray[np.float32]
-) -> None:
+def _check_conv_shapes(layer: Layer, quant_input: NDArray[np.float32], pre: NDArray[np.float32], role: str) -> None:
     """The tensors a 2-D convolution reads and writes have the shapes its weights and attributes imply."""
-    assert layer.conv is not None
+    if layer.conv is None:
+        return
     if quant_input.ndim != 4 or quant_input.shape[1] != layer.conv.in_channels:
         raise UnsupportedModelError(
             f"QUANT layer '{layer.name}' ({layer.op}) reads a tensor of shape {list(quant_input.shape)}, "
             f"expected [N, {layer.conv.in_channels}, H, W]"
         )
     expected = (layer.n_out, *layer.conv.output_size(*quant_input.shape[2:]))
-    for role, values in (("FLOAT", float_pre), ("QUANT", quant_pre)):
-        if values.ndim != 4 or tuple(values.shape[1:]) != expected:
-            raise UnsupportedModelError(
-                f"{role} layer '{layer.name}' ({layer.op}) writes a tensor of shape {list(values.shape)}, "
-                f"expected [N, {', '.join(map(str, expected))}]"
-            )
+    if pre.ndim != 4 or tuple(pre.shape[1:]) != expected:
+        raise UnsupportedModelError(
+            f"{role} layer '{layer.name}' ({layer.op}) writes a tensor of shape {list(pre.shape)}, "
+            f"expected [N, {', '.join(map(str, expected))}]"
+        )

@@ -672,7 +672,11 @@ def run_inspect(args: argparse.Namespace, console: Console) -> int:
         )
     command = None
     if inspection.recommended_layer is not None:
-        suggested = ["--layer", inspection.recommended_layer, "--neurons", str(inspection.recommended_neurons)]
+        suggested = (
+            ["--layers", "all"]
+            if inspection.recommended_layer == "all"
+            else ["--layer", inspection.recommended_layer, "--neurons", str(inspection.recommended_neurons)]
+        )
         paths = [str(p) for p in (args.float_model, args.quant_model, args.images)]
         command = shlex.join(["onnxrepair", "fix", *paths, *_image_options_given(args), *suggested])
     print_inspection(console, inspection, command)

@@ -32,6 +32,13 @@ class Encoding(str, enum.Enum):
     LOGIT = "logit"  # output layer only: class scores, jointly over the selected neurons
     BIAS_CORRECTION = "bias-correction"  # no solver: shift each bias by the mean float-minus-quant gap
     RECONSTRUCT = "reconstruct"  # least squares to the float pre-activation, rounded, checked on held-out rows
+    RECONSTRUCT_LP = "reconstruct-lp"  # the same target, L1 over the rows + an L1 norm term: an LP (row generation)
+    RECONSTRUCT_INTEGER = "reconstruct-integer"  # reconstruct-lp in whole quantization steps: a MILP
+
+    @property
+    def reconstructs(self) -> bool:
+        """Fits the float pre-activation (rather than its sign or the class scores)."""
+        return self in (Encoding.RECONSTRUCT, Encoding.RECONSTRUCT_LP, Encoding.RECONSTRUCT_INTEGER)
 
     @property
     def soft(self) -> bool:
@@ -131,7 +138,9 @@ class SearchConfig:
 
 
 # encodings that change every channel of a layer unless told otherwise
-WHOLE_LAYER_ENCODINGS = frozenset({Encoding.RECONSTRUCT, Encoding.BIAS_CORRECTION})
+WHOLE_LAYER_ENCODINGS = frozenset(
+    {Encoding.RECONSTRUCT, Encoding.RECONSTRUCT_LP, Encoding.RECONSTRUCT_INTEGER, Encoding.BIAS_CORRECTION}
+)
 ALL_NEURONS = 2**31 - 1  # `neurons` for "every neuron of the layer"
 # Output positions of a convolution kept as rows per image (all of them on smaller maps). Measured in
 # docs/BENCHMARKS.md ("Positions per image").

@@ -34,11 +34,13 @@ from onnxrepair.reconstruct import ReconstructionProblem, reconstruct
 from onnxrepair.rewrite import RewriteStats, apply_deltas
 from onnxrepair.rows import grouped_linear
 from onnxrepair.solve import (
+    FitProblem,
     LogitProblem,
     NeuronGrid,
     NeuronProblem,
     NeuronSolution,
     SolveStatus,
+    solve_fit,
     solve_logit,
     solve_neuron,
 )
@@ -64,8 +66,8 @@ class Method:
     def describe(self, n_out: int | None = None) -> str:
         if self.encoding is Encoding.BIAS_CORRECTION:
             return "bias-correction (all neurons)"
-        if self.encoding is Encoding.RECONSTRUCT and n_out is not None and self.neurons >= n_out:
-            return "reconstruct (all channels)"
+        if self.encoding.reconstructs and n_out is not None and self.neurons >= n_out:
+            return f"{self.encoding.value} (all channels)"
         n = "all" if n_out is not None and self.neurons >= n_out else str(self.neurons)
         return f"{self.encoding.value}, {self.metric.value}, N={n}"
 
@@ -151,6 +153,9 @@ def repair_layer(
         selected = [int(i) for i in ranked]
         if method.encoding is Encoding.RECONSTRUCT:
             solutions = _reconstruct(quant_model, pair, activity, selected, seed)
+        elif method.encoding.reconstructs:
+            executor = executor or SerialExecutor()
+            solutions = _fit(quant_model, pair, activity, selected, config, seed, progress, deadline, executor)
         else:
             executor = executor or SerialExecutor()
             solutions = _solve(quant_model, pair, activity, selected, config, progress, deadline, executor)
@@ -222,13 +227,7 @@ def _reconstruct(
     quant_model: onnx.ModelProto, pair: LayerPair, activity: LayerActivity, selected: list[int], seed: int
 ) -> list[NeuronSolution]:
     layer = pair.quant_layer
-    images = np.unique(activity.row_image)
-    if len(images) < 2:
-        raise UnsupportedModelError(
-            "--encoding reconstruct needs at least 2 repair images (it checks on held-out ones)"
-        )
-    rng = np.random.default_rng(seed)
-    held = rng.choice(images, size=max(1, round(RECONSTRUCT_CHECK_FRACTION * len(images))), replace=False)
+    holdout = _check_rows(activity, seed)
     weights, bias = layer_parameters(quant_model, layer)
     grid = layer_grid(quant_model, layer)
     started = time.perf_counter()
@@ -245,11 +244,11 @@ def _reconstruct(
             bias_low=grid.bias_low,
             bias_high=grid.bias_high,
             groups=layer.groups,
-            holdout=np.isin(activity.row_image, held),
+            holdout=holdout,
         )
     )
     seconds = (time.perf_counter() - started) / max(len(selected), 1)
-    rows = int(np.isin(activity.row_image, held, invert=True).sum())
+    rows = int((~holdout).sum())
     solutions = []
     for j in selected:
         if result.kept[j]:
@@ -269,6 +268,73 @@ def _reconstruct(
             reason = "its rounded change does not lower its error on held-out rows"
             solutions.append(NeuronSolution(j, SolveStatus.UNCHANGED, None, None, seconds, rows, reason))
     return solutions
+
+
+def _check_rows(activity: LayerActivity, seed: int) -> NDArray[np.bool_]:
+    """[r] True for the rows of a seeded RECONSTRUCT_CHECK_FRACTION of the images: never fitted, they decide."""
+    images = np.unique(activity.row_image)
+    if len(images) < 2:
+        raise UnsupportedModelError("reconstruction needs at least 2 repair images (it checks on held-out ones)")
+    rng = np.random.default_rng(seed)
+    held = rng.choice(images, size=max(1, round(RECONSTRUCT_CHECK_FRACTION * len(images))), replace=False)
+    return np.isin(activity.row_image, held)
+
+
+def _fit(
+    quant_model: onnx.ModelProto,
+    pair: LayerPair,
+    activity: LayerActivity,
+    selected: list[int],
+    config: SolveConfig,
+    seed: int,
+    progress: Progress,
+    deadline: float | None,
+    executor: Executor,
+) -> list[NeuronSolution]:
+    """reconstruct-lp / reconstruct-integer: one L1 program per channel over the fitted rows, then the same
+    held-out check as `reconstruct` (on the L1 error of the change as it will be stored, rounded)."""
+    layer = pair.quant_layer
+    holdout = _check_rows(activity, seed)
+    weights, bias = layer_parameters(quant_model, layer)
+    grid = layer_grid(quant_model, layer)
+    target = clipped_target(activity.float_pre, activity.quant_pre, pair.float_layer.clip).astype(np.float64)
+    inputs: dict[int, NDArray[np.float64]] = {}
+    problems = []
+    for j in selected:
+        columns = layer.columns(j)
+        if columns.start not in inputs:
+            inputs[columns.start] = activity.quant_inputs[~holdout, columns].astype(np.float64)
+        fit_target = target[~holdout, j]
+        problems.append(
+            FitProblem(j, weights[j], float(bias[j]), inputs[columns.start], fit_target, _neuron_grid(grid, j))
+        )
+    solutions = _map_solves(problems, config, progress, deadline, executor)
+    checked = []
+    for solution in solutions:
+        j = solution.neuron
+        if solution.weight_delta is None:
+            checked.append(solution)
+            continue
+        rows = activity.quant_inputs[holdout, layer.columns(j)].astype(np.float64)
+        before = rows @ weights[j] + bias[j] - target[holdout, j]
+        stored = _on_grid(solution.weight_delta, grid.weight_step[j], grid.weight_low[j], grid.weight_high[j])
+        after = before + rows @ stored + solution.bias_delta
+        if np.abs(after).sum() < np.abs(before).sum() * (1 - 1e-9):
+            checked.append(solution)
+        else:
+            reason = "its rounded change does not lower its error on held-out rows"
+            checked.append(
+                dataclasses.replace(solution, status=SolveStatus.UNCHANGED, weight_delta=None, reason=reason)
+            )
+    return checked
+
+
+def _on_grid(
+    delta: NDArray[np.float64], step: NDArray[np.float64], low: NDArray[np.float64], high: NDArray[np.float64]
+) -> NDArray[np.float64]:
+    """A weight change as rewrite.apply_deltas will store it: whole steps, within the integer type's range."""
+    whole = np.clip(np.round(delta / np.where(step > 0, step, 1.0)), low, high)
+    return np.where(step > 0, whole * step, delta)
 
 
 def _solve(
@@ -297,14 +363,24 @@ def _solve(
             solutions = solve_logit(joint, _within(config, deadline))
             advance(1)
         return solutions
-    problems = layer_problems(quant_model, pair, activity, selected)
+    return _map_solves(layer_problems(quant_model, pair, activity, selected), config, progress, deadline, executor)
+
+
+def _map_solves(
+    problems: Sequence[NeuronProblem | FitProblem],
+    config: SolveConfig,
+    progress: Progress,
+    deadline: float | None,
+    executor: Executor,
+) -> list[NeuronSolution]:
+    """Solve every problem through `executor`, in order, each before the deadline."""
     # a worker process costs a second to start: worth it only for several problems of some size
     if len(problems) < 2 * executor.jobs or problems[0].inputs.size < _FAN_OUT_MIN_INPUTS:
         executor = SerialExecutor()
     wall_deadline = None if deadline is None else time.time() + (deadline - time.perf_counter())
     solve = functools.partial(solve_before, config=config, wall_deadline=wall_deadline)
     solutions = []
-    with progress.task("solving", len(selected)) as advance:
+    with progress.task("solving", len(problems)) as advance:
         for solution in executor.map(solve, problems):
             if not solution.solved:
                 logger.info("neuron %d left unchanged: %s", solution.neuron, solution.reason)
@@ -346,7 +422,9 @@ def layer_problems(
     return problems
 
 
-def solve_before(problem: NeuronProblem, config: SolveConfig, wall_deadline: float | None) -> NeuronSolution:
+def solve_before(
+    problem: NeuronProblem | FitProblem, config: SolveConfig, wall_deadline: float | None
+) -> NeuronSolution:
     """Solve one neuron unless the deadline (a time.time() value, valid across processes) has passed."""
     if wall_deadline is not None:
         left = wall_deadline - time.time()
@@ -354,6 +432,8 @@ def solve_before(problem: NeuronProblem, config: SolveConfig, wall_deadline: flo
             reason = "the search budget ran out"
             return NeuronSolution(problem.neuron, SolveStatus.TIME_LIMIT, None, None, 0.0, 0, reason)
         config = dataclasses.replace(config, time_limit=min(config.time_limit, max(left, 1.0)))
+    if isinstance(problem, FitProblem):
+        return solve_fit(problem, config)
     return solve_neuron(problem, config)
 
 

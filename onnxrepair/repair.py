@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from onnxrepair.activity import read_layer_activity
+from onnxrepair.activity import FloatTargets, read_layer_activity
 from onnxrepair.config import Encoding, RepairConfig
 from onnxrepair.data import ImageSet, stratified_split
 from onnxrepair.errors import ModelPairingError, OnnxRepairError
@@ -215,6 +215,17 @@ def _repair(
     guard_steps: list[GuardStep] = []
     best = holdout_before
     inference_seconds = solve_seconds = rewrite_seconds = search_seconds = 0.0
+    # FLOAT's targets of the layers repaired over every channel, several layers per pass
+    targets = FloatTargets(
+        float_model,
+        [pair_layer(float_model, quant_model, name).float_layer for name in names],
+        fit_set.x,
+        config.batch_size,
+        providers=config.providers or None,
+        positions_per_image=config.positions_per_image,
+        seed=config.seed,
+        progress=progress,
+    )
     overall = progress.task("layers", len(names)) if len(names) > 1 else contextlib.nullcontext(_no_advance)
     with overall as advance_layers:
         for position, name in enumerate(names):
@@ -241,6 +252,7 @@ def _repair(
                 pair = pair_layer(float_model, current, name)
                 logger.info("repairing layer %s (paired by %s)", pair.float_layer.name, pair.paired_by)
                 method = Method(config.solve.encoding, config.metric, config.neurons)
+                every_channel = method.changes_every_channel(pair.quant_layer.n_out)
                 activity = read_layer_activity(
                     float_model,
                     current,
@@ -251,7 +263,8 @@ def _repair(
                     providers=config.providers or None,
                     positions_per_image=config.positions_per_image,
                     seed=config.seed,
-                    scores=not method.changes_every_channel(pair.quant_layer.n_out),
+                    scores=not every_channel,
+                    float_rows=targets.rows(name) if every_channel else None,
                 )
                 inference_seconds += time.perf_counter() - layer_started
                 step = time.perf_counter()

@@ -428,11 +428,12 @@ def print_inspection(console: Console, inspection: Inspection, command: str | No
         soft_wrap=True,
     )
     table = Table(
-        title="Dense layers of FLOAT against QUANT (flips: on/off status differs; SQNR: lower is noisier)",
+        title="Layers of FLOAT against QUANT (flips: on/off status differs; SQNR: lower is noisier)",
         title_justify="left",
     )
     table.add_column("layer", no_wrap=True, min_width=max((len(r.name) for r in inspection.layers), default=5))
     table.add_column("op", no_wrap=True)
+    table.add_column("kind", no_wrap=True)
     table.add_column("in->out", no_wrap=True, justify="right")
     table.add_column("QUANT weights", overflow="fold")
     for column in ("flips", "on failing", "SQNR dB"):
@@ -441,12 +442,13 @@ def print_inspection(console: Console, inspection: Inspection, command: str | No
         shape = f"{layer.n_in}->{layer.n_out}"
         if layer.reason:
             reason = f"[red]not repairable[/]: {escape(layer.reason)}"
-            table.add_row(escape(layer.name), layer.op, shape, reason, "", "", "")
+            table.add_row(escape(layer.name), layer.op, layer.kind, shape, reason, "", "", "")
             continue
         marker = " [green]<-[/]" if layer.name == inspection.recommended_layer else ""
         table.add_row(
             escape(layer.name) + marker,
             layer.op,
+            layer.kind,
             shape,
             escape(layer.weights),
             _pct(layer.flip_share),

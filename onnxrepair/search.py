@@ -65,14 +65,16 @@ class Score:
         return all(mine >= theirs for mine, theirs in pairs) and any(mine > theirs for mine, theirs in pairs)
 
     def helps_over(self, other: Score) -> bool:
-        """The guard's test of one layer: no worse in agreement or accuracy, and better there or in output error."""
-        if self.beats(other):
-            return True
-        not_worse = self.agreement >= other.agreement and (
-            self.accuracy is None or other.accuracy is None or self.accuracy >= other.accuracy
-        )
-        closer = self.output_error is not None and other.output_error is not None
-        return not_worse and closer and self.output_error < other.output_error  # type: ignore[operator]
+        """The guard's test of one layer: the class distributions are closer to FLOAT's (lower divergence).
+
+        Top-1 agreement on a few hundred held-out images moves by a few images either way with one
+        layer's change (measured on EfficientNet-Lite0: a rule that also asked agreement not to drop
+        rolled back 31 of 50 layers, most of which lowered the divergence); the whole model must still
+        beat QUANT on agreement before anything is written.
+        """
+        if self.output_error is None or other.output_error is None:
+            return self.beats(other)
+        return self.output_error < other.output_error
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,12 @@ beta, the bias change, is a variable when `repair_bias` is on. |change| is
 sum |delta_i| + |beta| (L1, through auxiliary t >= +-change) or
 max(|delta_i|, |beta|) (L-infinity, through one auxiliary M).
 
-The joint `logit` encoding for an output layer is in `logit_program`.
+The joint `logit` encoding for an output layer is in `logit_program`. The
+reconstruction programs (`fit_program`), over rows whose float pre-activation
+y_k is the target:
+
+    reconstruct-lp       minimise (1/n) sum_k |x_k . (w + delta) + b + beta - y_k| + norm_weight * |change|
+    reconstruct-integer  the same in whole quantization steps (a MILP)
 Programs are dense arrays (c, A, rhs, bounds, integrality): small enough at
 these sizes, and easy to check. This module is the only one that imports a
 solver. It knows nothing of ONNX.
@@ -176,6 +181,118 @@ class NeuronSolution:
     @property
     def solved(self) -> bool:
         return self.weight_delta is not None
+
+
+@dataclass(frozen=True)
+class FitProblem:
+    """One channel's reconstruction: make inputs @ (weights + delta) + bias + beta match `target` (L1).
+
+    Attributes:
+        inputs: [n, m] rows (the layer input as the quantized model computes it).
+        target: [n] the float model's pre-activation at the same rows.
+        grid: the channel's integer grid (the integer encoding's steps and bounds).
+    """
+
+    neuron: int
+    weights: NDArray[np.float64]
+    bias: float
+    inputs: NDArray[np.float64]
+    target: NDArray[np.float64]
+    grid: NeuronGrid | None = None
+
+
+def fit_program(
+    problem: FitProblem,
+    working: NDArray[np.bool_],
+    integer: bool,
+    repair_bias: bool,
+    norm_weight: float,
+) -> tuple[LinearProgram, ParameterBlock]:
+    """The L1 reconstruction program over the `working` rows, the other rows summed with their current sign.
+
+    z = (u_plus [p], u_minus [p], t [working rows]), change = step * (u_plus - u_minus),
+    p = m weights (+ 1 bias). A working row k has t_k >= |r_k|, r_k = r0_k + x_k . delta + beta
+    the residual (r0 at no change); a row outside the working set adds sign(r0_k) * r_k / n to the
+    objective, which is at most |r_k| / n and equals it while its residual keeps its sign: the
+    program is a relaxation of the full one, exact when no row outside the set changes sign.
+    """
+    x, n = problem.inputs, len(problem.target)
+    m = x.shape[1]
+    grid = problem.grid
+    if integer and grid is None:
+        raise ValueError("the integer encoding needs the channel's grid")
+    has_bias = repair_bias and (grid is None or grid.bias_step is not None)
+    w_scale = grid.weight_step if integer and grid is not None else np.ones(m)
+    b_scale = float(grid.bias_step) if integer and grid is not None and grid.bias_step else 1.0
+    p = m + int(has_bias)
+    scale = np.append(w_scale, b_scale) if has_bias else w_scale
+    columns = x * w_scale if not has_bias else np.hstack([x * w_scale, np.full((n, 1), b_scale)])  # d r_k / d u
+    residual = x @ problem.weights + problem.bias - problem.target
+    sign = np.sign(residual)
+    rest = ~working
+    summed = (sign[rest] @ columns[rest]) / max(n, 1)  # d/du of the rows outside the working set
+    rows = columns[working]
+    k = len(rows)
+    # t_k >= +r_k:  cols.u - t_k <= -r0_k ;  t_k >= -r_k:  -cols.u - t_k <= r0_k
+    a = np.block([[rows, -rows, -np.eye(k)], [-rows, rows, -np.eye(k)]])
+    rhs = np.concatenate([-residual[working], residual[working]])
+    c = np.concatenate([summed + norm_weight * scale, -summed + norm_weight * scale, np.full(k, 1.0 / max(n, 1))])
+    high = np.full(p, np.inf)
+    low_split = np.full(p, np.inf)
+    whole = np.zeros(p, dtype=bool)
+    if integer and grid is not None:
+        high[:m], low_split[:m], whole[:m] = np.maximum(grid.weight_high, 0), np.maximum(-grid.weight_low, 0), True
+        if has_bias and grid.bias_step:
+            high[m], low_split[m], whole[m] = max(grid.bias_high, 0.0), max(-grid.bias_low, 0.0), True
+    program = LinearProgram(
+        c=c,
+        a=a,
+        rhs=rhs,
+        lower=np.zeros(2 * p + k),
+        upper=np.concatenate([high, low_split, np.full(k, np.inf)]),
+        integer=np.concatenate([whole, whole, np.zeros(k, dtype=bool)]),
+    )
+    return program, ParameterBlock(slice(0, m), w_scale, m if has_bias else None, b_scale, p)
+
+
+def solve_fit(problem: FitProblem, config: SolveConfig) -> NeuronSolution:
+    """Solve the channel's L1 reconstruction by row generation (see `fit_program`); failures come back as a status.
+
+    The working set starts with the rows whose residual is nearest zero (where a change can flip its
+    sign), and grows by every row whose sign the last solution flipped, until none flips: then the
+    relaxation's optimum is the full program's.
+    """
+    start = time.perf_counter()
+    n = len(problem.target)
+    residual = problem.inputs @ problem.weights + problem.bias - problem.target
+    working = np.zeros(n, dtype=bool)
+    working[np.argsort(np.abs(residual))[: max(_MIN_FIT_ROWS, 2 * problem.inputs.shape[1])]] = True
+    working |= (residual == 0) | (not config.structured)  # --full-lp: every row in the program
+    integer = config.encoding is Encoding.RECONSTRUCT_INTEGER
+    options = config.highs_options if integer else (("presolve", "off"), *config.highs_options)
+    rounds = 0
+    while True:
+        rounds += 1
+        program, block = fit_program(problem, working, integer, config.resolved_repair_bias, config.norm_weight)
+        time_left = max(config.time_limit - (time.perf_counter() - start), 0.01)
+        status, z, objective = solve_program(program, config.backend, time_left, options)
+        if z is None:
+            seconds, reason = time.perf_counter() - start, _REASONS[status](config)
+            return NeuronSolution(
+                problem.neuron, status, None, None, seconds, int(working.sum()), reason, rounds=rounds
+            )
+        delta, beta = block.unpack(z)
+        moved = residual + problem.inputs @ delta + beta
+        flipped = ~working & (np.sign(moved) * np.sign(residual) < 0)
+        if not flipped.any():
+            seconds = time.perf_counter() - start
+            return NeuronSolution(
+                problem.neuron, status, delta, objective, seconds, int(working.sum()), "", beta, rounds=rounds
+            )
+        working |= flipped
+
+
+_MIN_FIT_ROWS = 64
 
 
 def paper_program(problem: NeuronProblem, margin: float) -> LinearProgram:

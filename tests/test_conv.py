@@ -347,3 +347,21 @@ def test_tapped_prefix_gives_the_same_values(cnn: dict[str, Path]) -> None:
     assert cut.float_scores is None and whole.float_scores is not None
     for field in ("float_pre", "quant_pre", "quant_inputs", "row_image"):
         np.testing.assert_array_equal(getattr(cut, field), getattr(whole, field))
+
+
+def test_float_targets_line_up_with_the_layers_rows(cnn: dict[str, Path]) -> None:
+    """FLOAT read once for several layers gives the rows reading each layer alone gives (a small budget: windows)."""
+    from onnxrepair.activity import FloatTargets
+
+    float_model, quant = onnx.load(str(cnn["float"])), onnx.load(str(cnn["qdq_s8_tensor"]))
+    x = images(cnn["repair"], 24).x
+    layers = find_layers(float_model)
+    targets = FloatTargets(float_model, layers, x, 10, positions_per_image=4, seed=2, budget_bytes=4000)
+    for layer in layers:
+        pair = pair_layer(float_model, quant, layer.name)
+        alone = read_layer_activity(float_model, quant, pair, x, 10, positions_per_image=4, seed=2, scores=False)
+        np.testing.assert_array_equal(targets.rows(layer.name), alone.float_pre)
+        given = read_layer_activity(
+            float_model, quant, pair, x, 10, positions_per_image=4, seed=2, scores=False, float_rows=alone.float_pre
+        )
+        np.testing.assert_array_equal(given.quant_inputs, alone.quant_inputs)
