@@ -11,7 +11,7 @@ methods that solve over rows.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -107,6 +107,7 @@ def layer_row_batches(
     seed: int = 0,
     scores: bool = True,
     float_rows: NDArray[np.float32] | None = None,
+    skip: str | None = None,
 ) -> Iterator[RowBatch]:
     """Run tapped copies of both models over `x` and yield each batch's rows.
 
@@ -115,6 +116,9 @@ def layer_row_batches(
     Without `scores`, each model runs only as far as the layer (graph.prefix).
     `float_rows`: FLOAT's pre-activation at these very rows, already read
     (FloatTargets); FLOAT is then not run (and `scores` must be False).
+    `skip`: QUANT's other branch of a residual Add after the layer; its rows
+    are taken from `float_rows` (then FLOAT's sum): the target is what the
+    layer must add to QUANT's skip so that the sum is FLOAT's.
 
     Raises:
         UnsupportedModelError: a layer's tensors do not have the shapes its weights imply.
@@ -128,7 +132,7 @@ def layer_row_batches(
     q_model, q_in, q_pre = tap_layer(quant_model, q_layer)
     f_out, q_out = (output_name(float_model), output_name(quant_model)) if scores else (None, None)
     f_names = [f_pre] + ([f_out] if f_out else [])
-    q_names = [q_in, q_pre] + ([q_out] if q_out else [])
+    q_names = [q_in, q_pre] + ([q_out] if q_out else []) + ([skip] if skip else [])
     q_session, q_outputs = _tapped_session(q_model, "QUANT", q_names, providers, whole=scores)
     q_batches = stream_batched(q_session, x, q_outputs, batch_size)
     if float_rows is None:
@@ -157,6 +161,8 @@ def layer_row_batches(
             else:
                 f_rows = float_rows[filled : filled + len(image)]
                 filled += len(image)
+                if skip is not None:
+                    f_rows = f_rows - _at(q_layer, q_values[skip], image - start, position)
             if fused_relu:
                 q_rows = grouped_linear(rows, weights, bias, q_layer.groups).astype(np.float32)
             yield RowBatch(
@@ -183,6 +189,7 @@ def read_layer_activity(
     seed: int = 0,
     scores: bool = True,
     float_rows: NDArray[np.float32] | None = None,
+    skip: str | None = None,
 ) -> LayerActivity:
     """Every row of `layer_row_batches`, kept (a convolution's positions per image cut to fit MAX_ROW_BYTES).
 
@@ -205,6 +212,7 @@ def read_layer_activity(
         seed=seed,
         scores=scores,
         float_rows=float_rows,
+        skip=skip,
     )
     arrays: dict[str, NDArray] = {}
     rows_filled = images_filled = 0
@@ -237,8 +245,57 @@ def read_layer_activity(
 _ROW_FIELDS = ("float_pre", "quant_pre", "quant_inputs", "row_image")
 
 
+def kept_activity(
+    layer: Layer,
+    read_input: Callable[[int, int], NDArray[np.float32]],
+    images: int,
+    float_rows: NDArray[np.float32],
+    weights: NDArray[np.float64],
+    bias: NDArray[np.float64],
+    batch_size: int,
+    *,
+    positions_per_image: int | None = DEFAULT_POSITIONS_PER_IMAGE,
+    seed: int = 0,
+    read_skip: Callable[[int, int], NDArray[np.float32]] | None = None,
+) -> LayerActivity:
+    """A layer's rows from its input as already computed (segments.py), FLOAT's rows given (FloatTargets).
+
+    `read_input(start, stop)` gives images start:stop of the layer's input, `read_skip` those of
+    the other branch of a residual Add after it (see `layer_row_batches`). The quantized
+    pre-activation is computed from the rows and the stored weights: the linear map QUANT applies.
+    """
+    per_image = positions_within(layer, images, positions_per_image)
+    parts: dict[str, list[NDArray]] = {"quant_inputs": [], "row_image": [], "skip": []}
+    for start in range(0, images, batch_size):
+        stop = min(start + batch_size, images)
+        x = read_input(start, stop)
+        if layer.conv is None:
+            flat = x.reshape(len(x), -1)
+            _check_width(flat, layer, "QUANT", side="input")
+            image, position = np.arange(len(x)), None
+            parts["quant_inputs"].append(flat)
+        else:
+            out_height, out_width = layer.conv.output_size(*x.shape[2:])
+            image, position = sample_positions(start + np.arange(len(x)), out_height * out_width, per_image, seed)
+            parts["quant_inputs"].append(patch_rows(x, layer.conv, image, position))
+        parts["row_image"].append(start + image)
+        if read_skip is not None:
+            parts["skip"].append(_at(layer, read_skip(start, stop), image, position))
+    rows = np.concatenate(parts["quant_inputs"])
+    if len(rows) != len(float_rows):
+        raise ValueError(f"{len(rows)} rows of QUANT's layer '{layer.name}' but {len(float_rows)} of FLOAT's")
+    target = float_rows - np.concatenate(parts["skip"]) if read_skip is not None else float_rows
+    quant_pre = grouped_linear(rows, weights, bias, layer.groups).astype(np.float32)
+    return LayerActivity(None, None, target, quant_pre, rows, np.concatenate(parts["row_image"]))
+
+
 class FloatTargets:
     """FLOAT's pre-activation rows of a run's layers, read for several layers per pass.
+
+    With `residual_sums`, a layer followed by a residual Add gets the Add's output
+    instead: the readers take QUANT's other branch from it, so that the layer is
+    fitted to make the sum FLOAT's (errors the skip connection carries are
+    absorbed too, not only those of the layer's own input).
 
     FLOAT never changes during a repair, so the layers' targets need not be
     read one pass per layer: a pass (as far as the last layer of a window)
@@ -260,7 +317,9 @@ class FloatTargets:
         seed: int = 0,
         budget_bytes: int = 2**30,
         progress: Progress | None = None,
+        residual_sums: bool = False,
     ) -> None:
+        self._residual_sums = residual_sums
         self._model, self._layers, self._x = float_model, list(layers), x
         self._batch_size, self._providers, self._seed = batch_size, providers, seed
         self._per_image = {layer.name: positions_within(layer, len(x), positions_per_image) for layer in layers}
@@ -287,15 +346,19 @@ class FloatTargets:
             count += 1
         return count
 
+    def target_tensor(self, layer: Layer) -> str:
+        """The tensor read for `layer`: its output, or with `residual_sums` the residual Add's after it."""
+        return layer.residual.output if self._residual_sums and layer.residual is not None else layer.output_tensor
+
     def _read(self, layers: list[Layer]) -> dict[str, NDArray[np.float32]]:
-        outputs = [layer.output_tensor for layer in layers]
+        outputs = list(dict.fromkeys(self.target_tensor(layer) for layer in layers))
         session = make_session(prefix(self._model, outputs), "FLOAT", self._providers)
         parts: dict[str, list[NDArray[np.float32]]] = {layer.name: [] for layer in layers}
         with self._progress.task(f"reading FLOAT ({len(layers)} layers)", len(self._x)) as advance:
             for start, values in stream_batched(session, self._x, outputs, self._batch_size):
                 n = len(values[outputs[0]])
                 for layer in layers:
-                    pre = values[layer.output_tensor]
+                    pre = values[self.target_tensor(layer)]
                     if layer.conv is None:
                         parts[layer.name].append(pre.reshape(n, -1))
                         continue

@@ -224,7 +224,7 @@ def _recommend(layers: list[LayerInspection], failing: int) -> tuple[str | None,
             None,
             (
                 f"{len(convolutions)} of the {len(measured)} repairable layers are convolutions, where quantization "
-                f"error builds up (the noisiest layer is {noisiest.name}, SQNR {noisiest.sqnr_db:.1f} dB): repair every "
+                f"error builds up (the noisiest is {noisiest.name}, SQNR {noisiest.sqnr_db:.1f} dB): repair every "
                 "layer in order, each on the inputs the layers before it give once repaired"
             ),
         )

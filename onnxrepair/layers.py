@@ -174,6 +174,19 @@ class ConvGeometry:
 
 
 @dataclass(frozen=True)
+class ResidualAdd:
+    """The Add right after a layer that sums its output with another branch (a skip connection).
+
+    Attributes:
+        output: the Add's output (in this model).
+        other: the other branch it adds to the layer's output.
+    """
+
+    output: str
+    other: str
+
+
+@dataclass(frozen=True)
 class Layer:
     """One repairable layer of a model: dense, or a 2-D convolution.
 
@@ -194,6 +207,7 @@ class Layer:
         conv: the convolution's geometry; None for a dense layer.
         clip: the range a Relu or Clip right after the layer clips its output to (in this model; a
             quantizer may have removed it); None without one.
+        residual: the Add right after the layer that sums it with a skip connection; None without one.
     """
 
     name: str
@@ -209,6 +223,7 @@ class Layer:
     output_encoding: IntegerTensor | None = None
     conv: ConvGeometry | None = None
     clip: tuple[float, float] | None = None
+    residual: ResidualAdd | None = None
 
     @property
     def quantized(self) -> bool:
@@ -304,7 +319,20 @@ class _GraphIndex:
             return RejectedLayer(node.name, node.op_type, str(reject))
         except (ValueError, IndexError, KeyError, TypeError) as exc:  # a form no reader expects: one node, not all
             return RejectedLayer(node.name, node.op_type, f"not a form onnxrepair reads ({type(exc).__name__}: {exc})")
-        return dataclasses.replace(layer, clip=self.clip_after(layer.output_tensor))
+        return dataclasses.replace(
+            layer, clip=self.clip_after(layer.output_tensor), residual=self.residual_after(layer.output_tensor)
+        )
+
+    def residual_after(self, tensor: str) -> ResidualAdd | None:
+        """The Add that alone reads `tensor` (through one QuantizeLinear -> DequantizeLinear pair), with the
+        other branch it adds; None when no such Add follows or its other input is a constant."""
+        add, side = self._next_add(tensor)
+        if add is None or add.domain not in ("", "ai.onnx") or len(add.input) != 2:
+            return None
+        other = add.input[1 - side]
+        if other in self.inits or self.parameter(other) is not None:
+            return None  # a bias, not a branch
+        return ResidualAdd(add.output[0], other)
 
     def clip_after(self, tensor: str) -> tuple[float, float] | None:
         """The range a Relu or Clip that alone reads `tensor` clips it to; None when no such node follows."""

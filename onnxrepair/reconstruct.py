@@ -28,7 +28,7 @@ from numpy.typing import NDArray
 
 # Ridge strength relative to the mean diagonal of A^T A: measured in docs/BENCHMARKS.md
 # ("Reconstruction ridge"); it mostly matters where rows are few against the fan-in.
-DEFAULT_RIDGE = 1e-3
+DEFAULT_RIDGE = 0.1
 _CHUNK_ROWS = 8192
 _SWEEPS = 8  # coordinate sweeps over a channel's weights after rounding (most settle in 2-4)
 

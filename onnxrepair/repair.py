@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from onnxrepair.activity import FloatTargets, read_layer_activity
+from onnxrepair.activity import FloatTargets
 from onnxrepair.config import Encoding, RepairConfig
 from onnxrepair.data import ImageSet, stratified_split
 from onnxrepair.errors import ModelPairingError, OnnxRepairError
@@ -34,8 +34,10 @@ from onnxrepair.graph import (
 from onnxrepair.methods import LayerRepair, Method, repair_layer
 from onnxrepair.parallel import Executor, ProcessExecutor, SerialExecutor
 from onnxrepair.progress import NoProgress, Progress
+from onnxrepair.readers import InputReader, KeptReader, LayerReader, skip_of
 from onnxrepair.runtime import make_session, output_name, run_batched
 from onnxrepair.search import Confirmation, HoldoutScorer, Score, Trial, confirm_methods, search_layer
+from onnxrepair.segments import Segments
 
 logger = logging.getLogger(__name__)
 
@@ -215,21 +217,17 @@ def _repair(
     guard_steps: list[GuardStep] = []
     best = holdout_before
     inference_seconds = solve_seconds = rewrite_seconds = search_seconds = 0.0
-    # FLOAT's targets of the layers repaired over every channel, several layers per pass
-    targets = FloatTargets(
-        float_model,
-        [pair_layer(float_model, quant_model, name).float_layer for name in names],
-        fit_set.x,
-        config.batch_size,
-        providers=config.providers or None,
-        positions_per_image=config.positions_per_image,
-        seed=config.seed,
-        progress=progress,
+    method = Method(config.solve.encoding, config.metric, config.neurons)
+    reader = (
+        None
+        if config.search is not None
+        else _reader(float_model, quant_model, names, fit_set, scorer, config, method, progress)
     )
     overall = progress.task("layers", len(names)) if len(names) > 1 else contextlib.nullcontext(_no_advance)
     with overall as advance_layers:
         for position, name in enumerate(names):
-            if scorer is not None and config.search is not None:
+            if reader is None:  # --search
+                assert scorer is not None and config.search is not None
                 left = started + config.search.budget - time.perf_counter()
                 deadline = time.perf_counter() + left / (len(names) - position)
                 current, applied, tried = search_layer(
@@ -247,45 +245,32 @@ def _repair(
                 trials.extend(tried)
                 search_seconds = time.perf_counter() - started
                 solve_seconds += sum(layer.solve_seconds for layer in applied)
-            else:
-                layer_started = time.perf_counter()
-                pair = pair_layer(float_model, current, name)
-                logger.info("repairing layer %s (paired by %s)", pair.float_layer.name, pair.paired_by)
-                method = Method(config.solve.encoding, config.metric, config.neurons)
-                every_channel = method.changes_every_channel(pair.quant_layer.n_out)
-                activity = read_layer_activity(
-                    float_model,
-                    current,
-                    pair,
-                    fit_set.x,
-                    config.batch_size,
-                    progress,
-                    providers=config.providers or None,
-                    positions_per_image=config.positions_per_image,
-                    seed=config.seed,
-                    scores=not every_channel,
-                    float_rows=targets.rows(name) if every_channel else None,
-                )
-                inference_seconds += time.perf_counter() - layer_started
-                step = time.perf_counter()
-                candidate, outcome = repair_layer(
-                    current, pair, activity, method, config.solve, config.seed, progress, executor=executor
-                )
-                del activity  # rows can take hundreds of MB; the next layer reads its own
-                solve_seconds += outcome.solve_seconds
-                rewrite_seconds += time.perf_counter() - step - outcome.solve_seconds
-                if scorer is None or best is None:
-                    current = candidate
-                    layers.append(outcome)
-                else:
-                    score = scorer.score(candidate)
-                    kept = score.helps_over(best)
-                    logger.info("%s: held-out agreement %.4f, output error %.4g%s", name, score.agreement,
-                                score.output_error or 0.0, "" if kept else " (rolled back)")  # fmt: skip
-                    guard_steps.append(GuardStep(outcome, score, kept, time.perf_counter() - layer_started))
-                    if kept:
-                        current, best = candidate, score
-                        layers.append(outcome)
+                advance_layers(1)
+                continue
+            layer_started = time.perf_counter()
+            pair = pair_layer(float_model, current, name)
+            logger.info("repairing layer %s (paired by %s)", pair.float_layer.name, pair.paired_by)
+            activity = reader.activity(current, pair, position, method.changes_every_channel(pair.quant_layer.n_out))
+            inference_seconds += time.perf_counter() - layer_started
+            step = time.perf_counter()
+            candidate, outcome = repair_layer(
+                current, pair, activity, method, config.solve, config.seed, progress, executor=executor
+            )
+            del activity  # rows can take hundreds of MB; the next layer reads its own
+            solve_seconds += outcome.solve_seconds
+            rewrite_seconds += time.perf_counter() - step - outcome.solve_seconds
+            took = True
+            if best is not None:
+                score = reader.score(candidate, position)
+                took = score.helps_over(best)
+                logger.info("%s: held-out agreement %.4f, divergence %.4g%s", name, score.agreement,
+                            score.output_error or 0.0, "" if took else " (rolled back)")  # fmt: skip
+                guard_steps.append(GuardStep(outcome, score, took, time.perf_counter() - layer_started))
+                best = score if took else best
+            if took:
+                current = candidate
+                layers.append(outcome)
+            reader.moved_on(current, position, took)
             advance_layers(1)
     holdout_after = scorer.score(current) if scorer is not None else None
     improved = holdout_before is None or (holdout_after is not None and holdout_after.beats(holdout_before))
@@ -328,6 +313,42 @@ def _repair(
         holdout_after=holdout_after,
         confirmation=confirmation,
     )
+
+
+def _reader(
+    float_model: onnx.ModelProto,
+    quant_model: onnx.ModelProto,
+    names: list[str],
+    fit_set: ImageSet,
+    scorer: HoldoutScorer | None,
+    config: RepairConfig,
+    method: Method,
+    progress: Progress,
+) -> LayerReader:
+    """Kept tensors when every layer changes every channel and the model allows it; the model input otherwise."""
+    pairs = [pair_layer(float_model, quant_model, name) for name in names]
+    providers = config.providers or None
+    # FLOAT's targets of the layers repaired over every channel, several layers per pass
+    targets = FloatTargets(
+        float_model,
+        [pair.float_layer for pair in pairs],
+        fit_set.x,
+        config.batch_size,
+        providers=providers,
+        positions_per_image=config.positions_per_image,
+        seed=config.seed,
+        progress=progress,
+        residual_sums=True,
+    )
+    common = (targets, scorer, config.batch_size, config.positions_per_image, config.seed, providers)
+    if len(names) > 1 and all(method.changes_every_channel(pair.quant_layer.n_out) for pair in pairs):
+        images = len(fit_set) + (0 if scorer is None else len(scorer.x))
+        plan = Segments.plan(quant_model, [pair.quant_layer for pair in pairs], images, [skip_of(p) for p in pairs])
+        if plan is not None:
+            logger.info("reading layers from tensors kept at %d cuts", len(plan.cuts))
+            return KeptReader(plan, quant_model, fit_set.x, *common)
+        logger.info("reading each layer from the model input (the layers' inputs cannot be kept)")
+    return InputReader(float_model, fit_set.x, *common, progress=progress)
 
 
 def _no_advance(n: int) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from conftest import check_full, run_model
+from conftest import check_full, run_model, tap
 from conv_models import CONV_LAYERS, FLAVOURS, build_cnn, quantize_cnn
 from hypothesis import given
 from hypothesis import strategies as st
@@ -365,3 +365,88 @@ def test_float_targets_line_up_with_the_layers_rows(cnn: dict[str, Path]) -> Non
             float_model, quant, pair, x, 10, positions_per_image=4, seed=2, scores=False, float_rows=alone.float_pre
         )
         np.testing.assert_array_equal(given.quant_inputs, alone.quant_inputs)
+
+
+@pytest.mark.parametrize("flavour", ["qdq_s8_tensor", "qdq_s4_channel", "qop_s8_channel"])
+def test_kept_tensors_give_the_rows_the_model_input_gives(cnn: dict[str, Path], flavour: str) -> None:
+    """Segments: each layer's rows from the tensors kept at its cut are the rows read from the model input."""
+    from onnxrepair.activity import kept_activity
+    from onnxrepair.segments import Segments
+
+    float_model, quant = onnx.load(str(cnn["float"])), onnx.load(str(cnn[flavour]))
+    pairs = [pair_layer(float_model, quant, name) for name in CONV_LAYERS]
+    x = images(cnn["repair"], 30).x
+    plan = Segments.plan(quant, [pair.quant_layer for pair in pairs], len(x))
+    assert plan is not None
+    kept = plan.start(quant, x, 8, None)
+    for position, pair in enumerate(pairs):
+        layer = pair.quant_layer
+        direct = read_layer_activity(float_model, quant, pair, x, 8, positions_per_image=3, seed=1, scores=False)
+        w, b = layer_parameters(quant, layer)
+        source = plan.inputs[position]
+        from_kept = kept_activity(
+            layer, lambda start, stop: source.read(kept, start, stop), len(x), direct.float_pre, w, b, 8,
+            positions_per_image=3, seed=1,
+        )  # fmt: skip
+        np.testing.assert_allclose(from_kept.quant_inputs, direct.quant_inputs, atol=1e-6)
+        # QOperator: ONNX Runtime requantizes y with its integer kernels (saturating on CPUs without VNNI)
+        scale = np.max(np.abs(direct.quant_pre))
+        assert np.max(np.abs(from_kept.quant_pre - direct.quant_pre)) <= (0.06 if flavour.startswith("qop") else 1e-4) * scale
+        following = plan.cuts[position + 1] if position + 1 < len(plan.cuts) else None
+        if following is not None:
+            kept, _ = plan.advance(quant, kept, plan.cuts[position], following, 8, None)
+    # the segments chained to the end give QUANT's own class scores
+    final, _ = plan.advance(quant, kept, plan.cuts[-1], None, 8, None)
+    (expected,) = run_model(quant, x)
+    np.testing.assert_allclose(final["logits"], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_whole_network_reads_kept_tensors_and_matches_reading_from_the_input(
+    cnn: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fast reader (kept tensors) and the plain one (each layer from the model input) repair alike."""
+    import onnxrepair.repair as repair_module
+
+    float_model, quant = onnx.load(str(cnn["float"])), onnx.load(str(cnn["qdq_s8_tensor"]))
+    config = RepairConfig(layers=("all",), neurons=ALL_NEURONS, solve=SolveConfig(encoding=Encoding.RECONSTRUCT))
+    fast = repair(float_model, quant, images(cnn["repair"]), images(cnn["val"]), config)
+    monkeypatch.setattr(repair_module.Segments, "plan", classmethod(lambda cls, *args: None))
+    plain = repair(float_model, quant, images(cnn["repair"]), images(cnn["val"]), config)
+    assert [s.kept for s in fast.guard] == [s.kept for s in plain.guard]
+    for a, b in zip(fast.guard, plain.guard, strict=True):
+        assert a.holdout.agreement == pytest.approx(b.holdout.agreement, abs=0.02)
+    assert fast.evaluation.repaired_agreement == pytest.approx(plain.evaluation.repaired_agreement, abs=0.02)
+
+
+def test_a_layer_before_a_residual_add_is_fitted_to_make_the_sum_floats(cnn: dict[str, Path]) -> None:
+    """/sk/Conv feeds /res/Add with /g2's branch: its target is FLOAT's sum minus QUANT's other branch."""
+    from onnxrepair.activity import FloatTargets, kept_activity
+    from onnxrepair.readers import skip_of
+    from onnxrepair.segments import Segments
+
+    float_model, quant = onnx.load(str(cnn["float"])), onnx.load(str(cnn["qdq_s8_tensor"]))
+    pair = pair_layer(float_model, quant, "/sk/Conv")
+    assert pair.float_layer.residual is not None and pair.float_layer.residual.output == "res"
+    skip = skip_of(pair)
+    assert skip is not None
+    assert skip_of(pair_layer(float_model, quant, "/g2/Conv")) is None  # a Relu before FLOAT's Add: no residual
+    x = images(cnn["repair"], 20).x
+    targets = FloatTargets(float_model, [pair.float_layer], x, 8, positions_per_image=None, residual_sums=True)
+    activity = read_layer_activity(
+        float_model, quant, pair, x, 8, positions_per_image=None, scores=False,
+        float_rows=targets.rows("/sk/Conv"), skip=skip,
+    )  # fmt: skip
+    (float_sum,) = run_model(tap(float_model, ["res"]), x, ["res"])
+    (quant_branch,) = run_model(tap(quant, [skip]), x, [skip])
+    expected = (float_sum - quant_branch).transpose(0, 2, 3, 1).reshape(-1, 12)  # all positions, image-major
+    np.testing.assert_allclose(activity.float_pre, expected, rtol=1e-5, atol=1e-5)
+    # the kept tensors give the same target
+    plan = Segments.plan(quant, [pair.quant_layer], len(x), [skip])
+    assert plan is not None and plan.skips[0] is not None
+    kept = plan.start(quant, x, 8, None)
+    w, b = layer_parameters(quant, pair.quant_layer)
+    from_kept = kept_activity(
+        pair.quant_layer, lambda s, e: plan.inputs[0].read(kept, s, e), len(x), targets.rows("/sk/Conv"), w, b, 8,
+        positions_per_image=None, read_skip=lambda s, e: plan.skips[0].read(kept, s, e),
+    )  # fmt: skip
+    np.testing.assert_allclose(from_kept.float_pre, expected, rtol=1e-4, atol=1e-4)

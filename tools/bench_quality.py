@@ -35,8 +35,12 @@ version does not have) becomes a row ``error: <message>``; the bench goes on.
 Methods (``--methods``): ``random`` (paper encoding, random top-N),
 ``paper-<metric>`` for the seven metrics (``paper`` = all seven), ``soft``,
 ``integer``, ``logit``, ``bias-correction`` (``new`` = these four), ``search``
-(``--search --budget B`` on the bench's layer) and ``search-last2`` (the same
-over the last two dense layers, ``--layer last:2``). ``--layer penultimate``
+(``--search --budget B`` on the bench's layer), ``search-last2`` (the same
+over the last two dense layers, ``--layer last:2``), and the whole network in
+graph order (``whole`` = ``--layers all``, the default reconstruct encoding
+with the held-out guard; ``whole-bias`` with bias correction, ``whole-lp``
+with the L1 reconstruction LP, ``whole-noguard`` without the guard; group
+``whole``). ``--layer penultimate``
 repairs each model's second-to-last dense layer instead of the last one.
 
 ``--out FILE`` writes the Markdown (command, date, machine, versions, setup,
@@ -74,8 +78,11 @@ sys.path.insert(0, str(TOOLS))
 
 METRICS = ["tarantula", "ochiai", "dstar", "jaccard", "ample", "euclid", "wong3"]
 NEW_ENCODINGS = ["soft", "integer", "logit", "bias-correction"]
-ALL_METHODS = ["random", *(f"paper-{m}" for m in METRICS), *NEW_ENCODINGS, "search", "search-last2"]
-METHOD_GROUPS = {"paper": [f"paper-{m}" for m in METRICS], "new": NEW_ENCODINGS, "all": ALL_METHODS}
+# every layer in graph order (`--layers all`): the default encoding (reconstruct), bias correction alone,
+# the L1 reconstruction LP, and without the held-out guard
+WHOLE = ["whole", "whole-bias", "whole-lp", "whole-noguard"]
+ALL_METHODS = ["random", *(f"paper-{m}" for m in METRICS), *NEW_ENCODINGS, "search", "search-last2", *WHOLE]
+METHOD_GROUPS = {"paper": [f"paper-{m}" for m in METRICS], "new": NEW_ENCODINGS, "whole": WHOLE, "all": ALL_METHODS}
 
 N_CALIB = 32
 SETTINGS = {
@@ -265,6 +272,9 @@ def method_args(method: str, neurons: int, budget: float) -> list[str]:
         return ["--search", "--budget", f"{budget:g}"]
     if method == "search-last2":
         return ["--search", "--budget", f"{budget:g}", "--layer", "last:2"]
+    if method in WHOLE:
+        extra = {"whole-bias": ["--encoding", "bias-correction"], "whole-lp": ["--encoding", "reconstruct-lp"]}
+        return ["--layers", "all", *extra.get(method, []), *(["--no-guard"] if method == "whole-noguard" else [])]
     raise ValueError(method)
 
 
@@ -279,6 +289,13 @@ def method_label(method: str, neurons: int, budget: float) -> str:
         return f"{method}, euclid top-{neurons}"
     if method == "search-last2":
         return f"guarded search, last 2 layers (budget {budget:g} s)"
+    if method in WHOLE:
+        return {
+            "whole": "whole network, reconstruct (`--layers all`)",
+            "whole-bias": "whole network, bias-correction",
+            "whole-lp": "whole network, reconstruct-lp",
+            "whole-noguard": "whole network, reconstruct, no guard",
+        }[method]
     return f"guarded search (budget {budget:g} s)"
 
 
@@ -326,11 +343,22 @@ def summarize_report(rep: dict[str, Any]) -> str:
                 f"out-of-fold check ({check.get('folds')} folds): fixed/broken {check.get('fixed')}/"
                 f"{check.get('broken')}, p = {float(check.get('p_value') or 0):.3g}, {verdict}"
             )
+    elif isinstance(rep.get("guard"), dict):
+        guard = rep["guard"]
+        steps = guard.get("layers") or []
+        parts.append(f"{sum(bool(s.get('kept')) for s in steps)}/{len(steps)} layers kept by the guard")
+        before, after = guard.get("holdout_before") or {}, guard.get("holdout_after") or {}
+        parts.append(
+            f"held-out agreement {pct(before.get('agreement'))} -> {pct(after.get('agreement'))}".replace(" %", "%")
+        )
     else:
         neurons = rep.get("neurons")
         unsolved = rep.get("unsolved")
         if isinstance(neurons, list) and isinstance(unsolved, list) and rep.get("encoding") != "bias-correction":
             parts.append(f"{len(neurons)}/{len(neurons) + len(unsolved)} solved")
+    whole = [lay for lay in layers if isinstance(lay, dict) and "channels_changed" in lay]
+    if len(whole) > 2:
+        parts.append(f"{sum(int(lay['channels_changed']) for lay in whole)} channels changed in {len(whole)} layers")
     changed = clamped = 0
     seen = False
     for lay in layers:
@@ -383,7 +411,7 @@ def run_method(
         "-q",
         *method_args(method, args.neurons, args.budget),
     ]
-    if layer and method != "search-last2":
+    if layer and method != "search-last2" and method not in WHOLE:
         cmd += ["--layer", layer]
     if args.time_limit is not None:
         cmd += ["--time-limit", f"{args.time_limit:g}"]
