@@ -67,6 +67,7 @@ __all__ = [
     "find_layers",
     "initializers",
     "input_spec",
+    "integer_bounds",
     "layer_grid",
     "load_model",
     "pair_layer",
@@ -340,10 +341,36 @@ def _parameter_grid(
         shape = tuple(inits[param.initializer].dims)
         return np.zeros(shape), np.full(shape, -np.inf), np.full(shape, np.inf)
     q = numpy_helper.to_array(inits[param.quantized])
-    info = ml_dtypes.iinfo(q.dtype)
     scale = channel_view(parameter_scale(inits, param), q.ndim, param.axis)
+    low, high = integer_bounds(q, parameter_zero_point(inits, param, q.ndim), weight=param.scale_factor is None)
     q64 = q.astype(np.float64)
-    return np.broadcast_to(scale, q.shape).copy(), info.min - q64, info.max - q64
+    return np.broadcast_to(scale, q.shape).copy(), low - q64, high - q64
+
+
+def parameter_zero_point(inits: dict[str, onnx.TensorProto], param: QuantizedTensor, ndim: int) -> NDArray[np.float64]:
+    """The zero point of a quantized parameter, shaped to broadcast against its integers (0 when absent)."""
+    if not param.zero_point:
+        return np.zeros(())
+    return channel_view(numpy_helper.to_array(inits[param.zero_point]).astype(np.float64), ndim, param.axis)
+
+
+def integer_bounds(
+    q: NDArray, zero_point: NDArray[np.float64], weight: bool = True
+) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+    """The integers a stored parameter may take: its type's range, and for weights the range its quantizer used.
+
+    Quantizers often keep weights narrower than the type: ONNX Runtime's reduce_range 7-bit weights
+    ([-64, 63] in int8), symmetric [-127, 127], NNCF's 7-bit first layer. CPUs without VNNI add pairs of
+    8-bit products in 16 bits, which those ranges keep from saturating; a repair must not leave them. So
+    weights stay within zero point +- the largest distance from it that the tensor already has.
+    """
+    info = ml_dtypes.iinfo(q.dtype)
+    low, high = np.full(q.shape, float(info.min)), np.full(q.shape, float(info.max))
+    if weight and q.size:
+        reach = float(np.max(np.abs(q.astype(np.float64) - zero_point)))
+        low = np.maximum(low, zero_point - reach)
+        high = np.minimum(high, zero_point + reach)
+    return low, high
 
 
 def parameter_scale(inits: dict[str, onnx.TensorProto], param: QuantizedTensor) -> NDArray[np.float64]:

@@ -43,6 +43,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 import onnx
 from onnx import numpy_helper
@@ -205,8 +206,8 @@ class Layer:
         input_encoding, output_encoding: how x and y are stored when they are
             integer tensors (integer-operator formats); None for float tensors.
         conv: the convolution's geometry; None for a dense layer.
-        clip: the range a Relu or Clip right after the layer clips its output to (in this model; a
-            quantizer may have removed it); None without one.
+        clip: the range a Relu or Clip right after the layer clips its output to, or the range of the
+            QuantizeLinear right after it (QDQ: the activation's 8-bit range); None without either.
         residual: the Add right after the layer that sums it with a skip connection; None without one.
     """
 
@@ -323,6 +324,19 @@ class _GraphIndex:
             layer, clip=self.clip_after(layer.output_tensor), residual=self.residual_after(layer.output_tensor)
         )
 
+    def _quantized_range(self, node: onnx.NodeProto) -> tuple[float, float] | None:
+        """The real range a per-tensor QuantizeLinear with constant scale and zero point can represent."""
+        scale = self.inits.get(node.input[1]) if len(node.input) > 1 else None
+        zero = self.inits.get(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+        if scale is None or (len(node.input) > 2 and node.input[2] and zero is None):
+            return None
+        scale_value, zero_value = numpy_helper.to_array(scale), numpy_helper.to_array(zero) if zero else np.uint8(0)
+        if scale_value.size != 1 or np.asarray(zero_value).size != 1:
+            return None
+        info = ml_dtypes.iinfo(np.asarray(zero_value).dtype)
+        step, offset = float(scale_value.reshape(-1)[0]), float(np.asarray(zero_value).reshape(-1)[0])
+        return ((info.min - offset) * step, (info.max - offset) * step)
+
     def residual_after(self, tensor: str) -> ResidualAdd | None:
         """The Add that alone reads `tensor` (through one QuantizeLinear -> DequantizeLinear pair), with the
         other branch it adds; None when no such Add follows or its other input is a constant."""
@@ -335,13 +349,15 @@ class _GraphIndex:
         return ResidualAdd(add.output[0], other)
 
     def clip_after(self, tensor: str) -> tuple[float, float] | None:
-        """The range a Relu or Clip that alone reads `tensor` clips it to; None when no such node follows."""
+        """The range a Relu, Clip or QuantizeLinear that alone reads `tensor` clips it to; None without one."""
         users = self.consumers.get(tensor, [])
         if len(users) != 1 or tensor in self.graph_outputs:
             return None
         user = users[0]
         if user.op_type == "Relu":
             return (0.0, math.inf)
+        if user.op_type in QUANTIZE_OPS:  # the range the output is quantized to clips it as well
+            return self._quantized_range(user)
         if user.op_type != "Clip":
             return None
         bounds = [-math.inf, math.inf]

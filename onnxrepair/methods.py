@@ -202,10 +202,20 @@ def _sqnr_change(
 _SQNR_ROWS = 20_000
 
 
+def clip_range(pair: LayerPair) -> tuple[float, float] | None:
+    """Where the layer's output is clipped: FLOAT's Relu/Clip after it, narrowed by the range QUANT quantizes
+    the output to (a value beyond it comes out as the bound whatever its size)."""
+    ranges = [r for r in (pair.float_layer.clip, pair.quant_layer.clip) if r is not None]
+    if not ranges:
+        return None
+    low, high = max(r[0] for r in ranges), min(r[1] for r in ranges)
+    return (low, high) if low < high else None
+
+
 def clipped_target(
     float_pre: NDArray[np.float32], quant_pre: NDArray[np.float32], clip: tuple[float, float] | None
 ) -> NDArray[np.float32]:
-    """What the quantized pre-activation should be, given that a Relu or Clip follows the layer.
+    """What the quantized pre-activation should be, given that the layer's output is clipped (`clip_range`).
 
     Where FLOAT's value is clipped (below the floor or above the ceiling), any value clipped the same way
     gives the same output: the target there is the quantized value itself when it is clipped too (no error
@@ -234,7 +244,7 @@ def _reconstruct(
     result = reconstruct(
         ReconstructionProblem(
             rows=activity.quant_inputs,
-            target=clipped_target(activity.float_pre, activity.quant_pre, pair.float_layer.clip),
+            target=clipped_target(activity.float_pre, activity.quant_pre, clip_range(pair)),
             weights=weights,
             bias=bias,
             weight_step=grid.weight_step,
@@ -297,7 +307,7 @@ def _fit(
     holdout = _check_rows(activity, seed)
     weights, bias = layer_parameters(quant_model, layer)
     grid = layer_grid(quant_model, layer)
-    target = clipped_target(activity.float_pre, activity.quant_pre, pair.float_layer.clip).astype(np.float64)
+    target = clipped_target(activity.float_pre, activity.quant_pre, clip_range(pair)).astype(np.float64)
     inputs: dict[int, NDArray[np.float64]] = {}
     problems = []
     for j in selected:

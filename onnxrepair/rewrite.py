@@ -40,6 +40,7 @@ from onnxrepair.graph import (
     as_matrix,
     channel_view,
     initializers,
+    integer_bounds,
     parameter_scale,
 )
 
@@ -93,7 +94,7 @@ def apply_deltas(
     stored = numpy_helper.to_array(tensor)
     q = as_matrix(stored)
     scale_full, zero_full = _scale_and_zero(inits, weight, q)
-    info = ml_dtypes.iinfo(q.dtype)
+    bound_low, bound_high = integer_bounds(q, zero_full)  # the type's range, and the one the quantizer used
     q_new = q.astype(np.int64)  # a copy, wide enough for any intermediate value
     changed, clamped, largest_step = {}, {}, {}
     for neuron, delta in deltas.items():
@@ -101,7 +102,7 @@ def apply_deltas(
         delta = np.asarray(delta, np.float64)
         real = scale_full[where] * (q_new[where] - zero_full[where]) + delta
         wanted = np.round(real / scale_full[where] + zero_full[where]).astype(np.int64)
-        fitted = np.clip(wanted, info.min, info.max)
+        fitted = np.clip(wanted, bound_low[where], bound_high[where]).astype(np.int64)
         changed[neuron] = int(np.count_nonzero(fitted != q_new[where]))
         clamped[neuron] = int(np.count_nonzero(fitted != wanted))
         largest_step[neuron] = float(np.max(np.abs(delta) / scale_full[where], initial=0.0))

@@ -13,8 +13,9 @@ Cuts are put before the DequantizeLinear nodes that feed a layer, so what
 crosses them is mostly the 8-bit output of a QuantizeLinear: a quarter of the
 float tensor. DequantizeLinear nodes are placed right before their first
 consumer for that, and QuantizeLinear nodes right after what they quantize
-(the graph stays topological; ONNX Runtime sees the same nodes). The patched models keep QUANT's nodes in QUANT's order (rewrite.py),
-so a plan made once serves every patched model.
+(the graph stays topological; ONNX Runtime sees the same nodes). The patched
+models keep QUANT's nodes in QUANT's order (rewrite.py), so a plan made once
+serves every patched model.
 
 This module knows ONNX and ONNX Runtime; it returns plain arrays.
 """

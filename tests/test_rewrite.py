@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from onnx import helper, numpy_helper
 
 from onnxrepair.errors import UnsupportedModelError
-from onnxrepair.graph import Layer, QuantizedTensor, find_layers, initializers, pair_layer
+from onnxrepair.graph import Layer, QuantizedTensor, find_layers, initializers, layer_grid, pair_layer
 from onnxrepair.rewrite import apply_deltas
 
 # variant -> the float-model name of the layer to patch (None: the last one)
@@ -127,6 +127,7 @@ def test_whole_step_deltas_change_only_the_selected_neurons(quant_variants: dict
 
 @pytest.mark.parametrize("key", ["digits-int4", "digits-int8", "digits-int8-per-channel", "matmul-int8-per-channel"])
 def test_huge_deltas_are_clamped_not_wrapped(quant_variants: dict[str, QuantVariant], key: str) -> None:
+    """Clamped to the type's range and the quantizer's own; never wrapped."""
     model, layer = load_case(quant_variants[key], None)
     q, scale, tensor = weights(model, layer)
     lo, hi = integer_range(tensor)
@@ -134,6 +135,10 @@ def test_huge_deltas_are_clamped_not_wrapped(quant_variants: dict[str, QuantVari
         assert (lo, hi) == (-8, 7)
     else:
         assert (lo, hi) == (-128, 127)
+    # the weights stay in the range the quantizer used: zero point (0 here) +- the tensor's largest |q|,
+    # within the type (ONNX Runtime's symmetric int8 uses [-127, 127], never -128)
+    reach = int(np.max(np.abs(q)))
+    lo, hi = max(lo, -reach), min(hi, reach)
     up = np.full(layer.n_in, 1e6)
     repaired, stats = apply_deltas(model, layer, {0: up, 2: -up})
     check_full(repaired)
@@ -222,6 +227,8 @@ def test_rewrite_property(property_cases: list[tuple[onnx.ModelProto, Layer]], d
     before = model.SerializeToString()
     q, scale, tensor = weights(model, layer)
     lo, hi = integer_range(tensor)
+    reach = int(np.max(np.abs(q)))  # zero point 0 here: the quantizer's own symmetric range
+    lo, hi = max(lo, -reach), min(hi, reach)
     selected = data.draw(st.sets(st.integers(0, layer.n_out - 1), max_size=layer.n_out), label="neurons")
     deltas, steps = {}, {}
     for n in sorted(selected):
@@ -256,3 +263,26 @@ def test_repaired_model_object_is_independent(quant_model: onnx.ModelProto) -> N
     del repaired.graph.initializer[:]
     assert quant_model.SerializeToString() == before
     assert copy.deepcopy(quant_model).SerializeToString() == before
+
+
+def test_weights_stay_in_the_narrower_range_the_quantizer_used(digits, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """reduce_range keeps int8 weights 7-bit (no saturation on CPUs without VNNI): a repair keeps them so."""
+    from conftest import quantize
+    from onnxruntime.quantization import QuantType
+
+    path = tmp_path / "reduced.onnx"
+    quantize(digits.float_path, path, digits.x[:50], weight_type=QuantType.QInt8, per_channel=True, reduce_range=True)
+    model = onnx.load(str(path))
+    layer = find_layers(model)[-1]
+    q, _, _ = weights(model, layer)
+    reach = int(np.max(np.abs(q)))
+    assert reach <= 64  # 7 bits
+    up = np.full(layer.n_in, 1e6)
+    repaired, stats = apply_deltas(model, layer, {0: up, 1: -up})
+    q_new, _, _ = weights(repaired, layer)
+    assert np.max(np.abs(q_new)) == reach
+    np.testing.assert_array_equal(q_new[0], reach)
+    np.testing.assert_array_equal(q_new[1], -reach)
+    grid = layer_grid(model, layer)  # what the solvers may ask for: the same bounds
+    np.testing.assert_array_equal(grid.weight_high[0] + q[0], reach)
+    np.testing.assert_array_equal(grid.weight_low[1] + q[1], -reach)
