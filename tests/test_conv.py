@@ -8,6 +8,7 @@ asymmetric uint8), QOperator and dynamic form by ONNX Runtime here.
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -383,15 +384,15 @@ def test_kept_tensors_give_the_rows_the_model_input_gives(cnn: dict[str, Path], 
         layer = pair.quant_layer
         direct = read_layer_activity(float_model, quant, pair, x, 8, positions_per_image=3, seed=1, scores=False)
         w, b = layer_parameters(quant, layer)
-        source = plan.inputs[position]
-        from_kept = kept_activity(
-            layer, lambda start, stop: source.read(kept, start, stop), len(x), direct.float_pre, w, b, 8,
-            positions_per_image=3, seed=1,
-        )  # fmt: skip
+        read = functools.partial(plan.inputs[position].read, kept)
+        from_kept = kept_activity(layer, read, len(x), direct.float_pre, w, b, 8, positions_per_image=3, seed=1)
         np.testing.assert_allclose(from_kept.quant_inputs, direct.quant_inputs, atol=1e-6)
         # QOperator: ONNX Runtime requantizes y with its integer kernels (saturating on CPUs without VNNI)
         scale = np.max(np.abs(direct.quant_pre))
-        assert np.max(np.abs(from_kept.quant_pre - direct.quant_pre)) <= (0.06 if flavour.startswith("qop") else 1e-4) * scale
+        assert (
+            np.max(np.abs(from_kept.quant_pre - direct.quant_pre))
+            <= (0.06 if flavour.startswith("qop") else 1e-4) * scale
+        )
         following = plan.cuts[position + 1] if position + 1 < len(plan.cuts) else None
         if following is not None:
             kept, _ = plan.advance(quant, kept, plan.cuts[position], following, 8, None)

@@ -1,4 +1,4 @@
-"""reconstruct.py (least squares on Gram statistics, rounding, the held-out check) and solve.solve_fit (L1, row generation)."""
+"""reconstruct.py (least squares on Gram statistics, rounding, the held-out check); solve_fit (L1, row generation)."""
 
 from __future__ import annotations
 
@@ -36,9 +36,13 @@ def problem(
     true_w = np.round(rng.normal(size=(out, n_in)) / step) * step
     true_b = rng.normal(size=out)
     per_group = out // groups
-    target = np.concatenate(
-        [x[:, g * n_in : (g + 1) * n_in] @ true_w[g * per_group : (g + 1) * per_group].T for g in range(groups)], axis=1
-    ) + true_b
+    target = (
+        np.concatenate(
+            [x[:, g * n_in : (g + 1) * n_in] @ true_w[g * per_group : (g + 1) * per_group].T for g in range(groups)],
+            axis=1,
+        )
+        + true_b
+    )
     target = (target + noise * rng.normal(size=target.shape)).astype(np.float32)
     stored = true_w + step * rng.integers(-3, 4, size=true_w.shape)
     holdout = rng.random(rows) < holdout_share
@@ -125,11 +129,16 @@ def test_gram_statistics_are_the_rows_products(seed: int, groups: int) -> None:
     for g in range(groups):
         a = np.hstack([rows[:, g * 3 : (g + 1) * 3].astype(np.float64), np.ones((37, 1))])
         np.testing.assert_allclose(stats.gram[g], a.T @ a, rtol=1e-10)
-        np.testing.assert_allclose(stats.cross[g], a.T @ target[:, g * 2 : (g + 1) * 2], rtol=1e-10, atol=1e-10)
+        expected = a.T @ target[:, g * 2 : (g + 1) * 2]
+        np.testing.assert_allclose(stats.cross[g], expected, rtol=1e-10, atol=1e-10)
     weights, bias = rng.normal(size=(groups * 2, 3)), rng.normal(size=groups * 2)
-    predicted = np.concatenate(
-        [rows[:, g * 3 : (g + 1) * 3].astype(np.float64) @ weights[g * 2 : (g + 1) * 2].T for g in range(groups)], axis=1
-    ) + bias
+    predicted = (
+        np.concatenate(
+            [rows[:, g * 3 : (g + 1) * 3].astype(np.float64) @ weights[g * 2 : (g + 1) * 2].T for g in range(groups)],
+            axis=1,
+        )
+        + bias
+    )
     np.testing.assert_allclose(squared_errors(stats, weights, bias), ((predicted - target) ** 2).sum(axis=0), rtol=1e-8)
 
 
