@@ -303,8 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
     search_group.add_argument(
         "--holdout-fraction",
         type=_fraction,
-        default=RepairConfig.holdout_fraction,
-        help="share of the repair images the search or the guard scores on, never solved on (default: %(default)g)",
+        help="share of the repair images the search or the guard scores on, never solved on (default: 0.25 "
+        "with --search, 0.1 for the guard)",
     )
     search_group.add_argument(
         "--guard",

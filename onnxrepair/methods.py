@@ -81,9 +81,10 @@ class LayerRepair:
         solutions: one per selected neuron, solved or not, in the same order.
         spectrum: the activation spectrum of the repair rows; None when the layer was read without
             class scores (a method over every channel ranks nothing).
-        sqnr_before, sqnr_after: SQNR (dB) of the layer's pre-activation against FLOAT's over the
-            repair rows (at most _SQNR_ROWS of them, evenly spaced), before and after the change as
-            written (integers rounded).
+        sqnr_before, sqnr_after: SQNR (dB) of the layer's output against its target (FLOAT's
+            pre-activation, or for a layer before a residual Add FLOAT's sum less QUANT's other branch),
+            both clipped as the layer's activation and output quantization clip them, over the repair
+            rows (at most _SQNR_ROWS of them, evenly spaced), before and after the change as written.
         rows: rows the layer was repaired on (images, or images x positions of a convolution).
     """
 
@@ -164,7 +165,7 @@ def repair_layer(
     bias_deltas = {s.neuron: s.bias_delta for s in solutions if s.weight_delta is not None}
     repaired, stats = apply_deltas(quant_model, layer, deltas, bias_deltas)
     onnx.checker.check_model(repaired)
-    before, after = _sqnr_change(quant_model, repaired, layer, activity, sorted(deltas))
+    before, after = _sqnr_change(quant_model, repaired, pair, activity, sorted(deltas))
     return repaired, LayerRepair(
         pair,
         method,
@@ -183,20 +184,26 @@ def repair_layer(
 def _sqnr_change(
     quant_model: onnx.ModelProto,
     repaired: onnx.ModelProto,
-    layer: Layer,
+    pair: LayerPair,
     activity: LayerActivity,
     changed: list[int],
 ) -> tuple[float, float]:
-    """SQNR of the layer's pre-activation on the rows, before and after the change as written."""
+    """SQNR of the layer's output on the rows, before and after the change as written.
+
+    Both sides pass through the layer's clip (`clip_range`: its Relu/Clip, the range QUANT quantizes
+    it to), so what the next layer never sees does not count.
+    """
+    layer = pair.quant_layer
     sample = slice(None, None, max(1, len(activity.row_image) // _SQNR_ROWS))
-    float_pre, quant_pre = activity.float_pre[sample], activity.quant_pre[sample]
-    before = sqnr_db(float_pre, quant_pre)
+    low, high = clip_range(pair) or (-np.inf, np.inf)
+    float_out, quant_pre = np.clip(activity.float_pre[sample], low, high), activity.quant_pre[sample]
+    before = sqnr_db(float_out, np.clip(quant_pre, low, high))
     if not changed:
         return before, before
     old_w, old_b = layer_parameters(quant_model, layer)
     new_w, new_b = layer_parameters(repaired, layer)
     moved = grouped_linear(activity.quant_inputs[sample], new_w - old_w, new_b - old_b, layer.groups)
-    return before, sqnr_db(float_pre, quant_pre + moved)
+    return before, sqnr_db(float_out, np.clip(quant_pre + moved, low, high))
 
 
 _SQNR_ROWS = 20_000

@@ -205,7 +205,7 @@ def _repair(
     guarded = config.guarded(len(names))
     fit_set, scorer, holdout_size = repair_set, None, 0
     if config.search is not None or guarded:
-        fit_idx, holdout_idx = stratified_split(repair_set.strata, config.holdout_fraction, config.seed)
+        fit_idx, holdout_idx = stratified_split(repair_set.strata, config.resolved_holdout_fraction, config.seed)
         fit_set, holdout = repair_set.subset(fit_idx), repair_set.subset(holdout_idx)
         scorer = HoldoutScorer(float_model, holdout.x, holdout.labels, config.batch_size, config.providers or None)
         holdout_size = len(holdout)

@@ -12,7 +12,8 @@ can be noise. Before a model is written, `confirm_methods` applies the kept
 methods again on folds of the whole repair set and asks for a significant
 out-of-fold gain (repair.py writes nothing otherwise).
 
-Candidates, cheapest and most often useful first: bias correction; the joint
+Candidates, cheapest and most often useful first: reconstruction (least
+squares to the float pre-activation); bias correction; the joint
 logit encoding on all classes (output layer only); the soft encoding over all
 neurons and then over the top N for N in `neuron_counts`; logit on the top N;
 the same for the integer encoding (a MILP: slower); the other metrics; the
@@ -159,7 +160,11 @@ def candidate_methods(n_out: int, output_layer: bool, search: SearchConfig) -> l
     """The methods to try on a layer with `n_out` neurons, in order, without duplicates."""
     counts = [n for n in sorted(set(search.neuron_counts)) if n < n_out]
     middle_first = sorted(counts, key=lambda n: abs(n - 10))  # N=10, the paper's default, first
-    methods = [Method(Encoding.BIAS_CORRECTION, Metric.EUCLID, n_out)]
+    # reconstruction first: on every CNN measured it gains most, in one vectorised solve per layer
+    methods = [
+        Method(Encoding.RECONSTRUCT, Metric.EUCLID, n_out),
+        Method(Encoding.BIAS_CORRECTION, Metric.EUCLID, n_out),
+    ]
     if output_layer:
         methods.append(Method(Encoding.LOGIT, Metric.EUCLID, n_out))
     # soft is a fast LP; integer is a MILP: slower, but exact on the integer grid
@@ -304,17 +309,21 @@ def confirm_methods(
                 pair = pair_layer(float_model, model, step.pair.float_layer.name)
                 fit_x = repair_set.x[fit]
                 activity = read_layer_activity(float_model, model, pair, fit_x, config.batch_size, providers=providers)
-                model, outcome = repair_layer(
-                    model,
-                    pair,
-                    activity,
-                    step.method,
-                    config.solve,
-                    config.seed,
-                    deadline=deadline,
-                    executor=executor,
-                    neurons=step.repaired_neurons,
-                )
+                try:
+                    model, outcome = repair_layer(
+                        model,
+                        pair,
+                        activity,
+                        step.method,
+                        config.solve,
+                        config.seed,
+                        deadline=deadline,
+                        executor=executor,
+                        neurons=step.repaired_neurons,
+                    )
+                except UnsupportedModelError:  # e.g. a fold too small to hold images out of a reconstruction
+                    unfinished += len(step.repaired_neurons)
+                    continue
                 unfinished += sum(s.status is SolveStatus.TIME_LIMIT for s in outcome.solutions)
             scored_x = repair_set.x[scored]
             repaired_top1[scored] = top1_classes(model, scored_x, config.batch_size, "candidate", providers)

@@ -10,7 +10,13 @@ is top-1 agreement with the float model). Run from the repository root::
     python tools/bench_speed.py                          # prints Markdown
     python tools/bench_speed.py --out docs/BENCHMARKS.md # and writes its section there
 
-Two parts, both on the same machine in one run:
+Three parts, all on the same machine in one run:
+
+0. Whole-network repair (``fix --layers all``, issue 11) of each quantized
+   model given by ``--whole`` (default: ``quant.onnx``, per-channel u8
+   reduce_range, and ``quant_s8s8_tensor.onnx``, per-tensor s8s8): wall time,
+   peak memory, layers kept by the held-out guard, and agreement with the float
+   model on the validation crops.
 
 1. ``onnxrepair fix`` as a user runs it (one subprocess per N, default
    encoding and options): inference, per-neuron solve seconds (median, p90,
@@ -91,6 +97,83 @@ def run_fix(cache: Path, neurons: str, args: argparse.Namespace) -> FixRun:
     loaded = json.loads(report.read_text()) if report.exists() else None
     error = "" if proc.returncode == 0 else (proc.stderr.strip().splitlines() or ["?"])[-1]
     return FixRun(neurons, wall, proc.returncode, loaded, error)
+
+
+@dataclass
+class WholeRun:
+    quant: str
+    wall_seconds: float
+    exit_code: int
+    report: dict[str, Any] | None
+    error: str = ""
+
+
+def run_whole(cache: Path, quant: str, args: argparse.Namespace) -> WholeRun:
+    """One `onnxrepair fix --layers all` subprocess on `quant`; returns its report."""
+    out_dir = cache / "speed"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = Path(quant).stem
+    report = out_dir / f"whole-{stem}.json"
+    report.unlink(missing_ok=True)
+    cmd = [
+        *fix_command(),
+        "fix",
+        str(cache / "float.onnx"),
+        str(cache / quant),
+        str(cache / "repair.npy"),
+        "--val",
+        str(cache / "val.npy"),
+        "--layers",
+        "all",
+        "-o",
+        str(out_dir / f"whole-{stem}.onnx"),
+        "--report",
+        str(report),
+        "--force",
+        "-q",
+        "--jobs",
+        str(args.jobs),
+        *args.fix_args.split(),
+    ]
+    print("$", " ".join(cmd), file=sys.stderr, flush=True)
+    started = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    wall = time.perf_counter() - started
+    loaded = json.loads(report.read_text()) if report.exists() else None
+    error = "" if proc.returncode in (0, 1) else (proc.stderr.strip().splitlines() or ["?"])[-1]
+    return WholeRun(quant, wall, proc.returncode, loaded, error)
+
+
+def whole_markdown(runs: list[WholeRun], args: argparse.Namespace) -> list[str]:
+    lines = [
+        "### Whole network (`--layers all`)",
+        "",
+        f"Each row is one `onnxrepair fix FLOAT QUANT repair.npy --val val.npy --layers all --jobs {args.jobs}` run "
+        "(defaults otherwise: encoding `reconstruct`, the held-out guard on a quarter of the repair crops); wall "
+        "= the subprocess, interpreter start included; peak memory = the report's `peak_memory_mb`.",
+        "",
+        "| QUANT | wall s | inference s | solve s | peak memory MB | layers kept / repaired | channels changed | "
+        "held-out agreement | validation agreement quant -> repaired | fixed / broken |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for run in runs:
+        rep = run.report
+        if rep is None or run.exit_code not in (0, 1):
+            lines.append(f"| `{run.quant}` | {run.wall_seconds:.1f} | error: {run.error} ||||||||")
+            continue
+        guard = rep.get("guard") or {}
+        steps = guard.get("layers") or []
+        channels = sum(int(lay.get("channels_changed") or 0) for lay in rep.get("layers") or [])
+        before, after = guard.get("holdout_before") or {}, guard.get("holdout_after") or {}
+        lines.append(
+            f"| `{run.quant}` | {run.wall_seconds:.1f} | {fmt(rep.get('inference_seconds'), 1)} | "
+            f"{fmt(rep.get('solve_seconds'), 1)} | {fmt(rep.get('peak_memory_mb'), 0)} | "
+            f"{sum(bool(s.get('kept')) for s in steps)} / {len(steps)} | {channels} | "
+            f"{pct(before.get('agreement'))} -> {pct(after.get('agreement'))} | "
+            f"{pct(rep.get('quant_agreement'))} -> {pct(rep.get('repaired_agreement'))} | "
+            f"{rep.get('fixed')} / {rep.get('broken')} |"
+        )
+    return lines
 
 
 @dataclass
@@ -201,7 +284,7 @@ def pct(value: float | None) -> str:
 
 def markdown(runs: list[FixRun], comparisons: list[Comparison], args: argparse.Namespace, build: dict) -> list[str]:
     lines = [
-        "## Speed on an ImageNet head (EfficientNet-Lite0, 1280 -> 1000)",
+        "## Speed on an ImageNet classifier (EfficientNet-Lite0)",
         "",
         "Produced by:",
         "",
@@ -309,6 +392,11 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--time-limit", type=float, default=600.0, help="per full program, seconds")
     parser.add_argument("--fix-args", default="", help="extra options for every fix run")
+    parser.add_argument(
+        "--whole",
+        default="quant.onnx,quant_s8s8_tensor.onnx",
+        help="quantized models in --cache to repair whole (--layers all); empty: skip (default: %(default)s)",
+    )
     parser.add_argument("--out", type=Path, help="write the section into this Markdown file")
     args = parser.parse_args()
 
@@ -319,11 +407,14 @@ def main() -> int:
     build = json.loads(build_json.read_text()) if build_json.exists() else {}
     build["summary"] = build_summary(build)
 
+    whole = [run_whole(args.cache, q.strip(), args) for q in args.whole.split(",") if q.strip()]
     runs = [run_fix(args.cache, n.strip(), args) for n in args.neurons.split(",") if n.strip()]
     comparisons: list[Comparison] = []
     if args.naive_sample > 0:
         comparisons, _ = compare_naive(args.cache, args.naive_sample, args.seed, args.time_limit)
     lines = markdown(runs, comparisons, args, build)
+    if whole:
+        lines += ["", *whole_markdown(whole, args)]
     print("\n".join(lines))
     if args.out:
         write_section(args.out, lines)
