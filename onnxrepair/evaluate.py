@@ -36,6 +36,16 @@ class Evaluation:
     fixed: int
     broken: int
 
+    @property
+    def worse_than_quant(self) -> bool:
+        """The repaired model agrees with the float one less often, or is less accurate, than the quantized one."""
+        less_accurate = (
+            self.repaired_accuracy is not None
+            and self.quant_accuracy is not None
+            and self.repaired_accuracy < self.quant_accuracy
+        )
+        return self.repaired_agreement < self.quant_agreement or less_accurate
+
 
 def evaluate_scores(
     float_scores: NDArray,

@@ -93,6 +93,7 @@ def report_dict(
         "peak_memory_mb": result.peak_memory_mb,
         "total_seconds": result.timings.total,
         "written": written,
+        "worse_than_quant": ev.worse_than_quant if written else None,
         "fixed": ev.fixed if written else None,
         "broken": ev.broken if written else None,
         "methods": [
@@ -279,6 +280,19 @@ def print_summary(console: Console, result: RepairResult, config: RepairConfig) 
     table.add_row("agreement with float", "", _pct(ev.quant_agreement), repaired_agreement)
     table.add_row("disagreements fixed / broken", "", "", f"{ev.fixed} / {ev.broken}" if written else "-")
     console.print(table)
+    if written and ev.worse_than_quant:
+        console.print(
+            "[bold red]the repaired model is worse than the quantized one on the validation images[/] "
+            f"(agreement {_pct(ev.quant_agreement)} -> {_pct(ev.repaired_agreement)}"
+            + (
+                f", accuracy {_pct(ev.quant_accuracy)} -> {_pct(ev.repaired_accuracy)}"
+                if ev.quant_accuracy is not None
+                else ""
+            )
+            + "); it was written as asked: --layers all or --search write a model only when it beats QUANT on "
+            "held-out repair images",
+            soft_wrap=True,
+        )
     if result.guard or len(result.layers) > _LAYER_LINES:
         _print_layer_table(console, result)
     else:

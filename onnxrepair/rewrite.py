@@ -12,7 +12,8 @@ with the entry's own scale and zero point (per-tensor or per-channel), and
 fit are clamped, never wrapped. One exception: a per-tensor bias (int8/uint8,
 as skl2onnx MatMul + Add graphs have) whose corrected values do not fit is
 re-encoded with a new scale and zero point that cover them, under new
-initializer names so that nothing else sharing the old ones changes (an int32
+initializer names so that nothing else sharing the old ones changes (the old
+ones are removed once nothing reads them; an int32
 bias whose scale is fixed at scale_x * scale_W by QGemm / QLinearConv is
 clamped instead; its range is wide enough). A 1x1 Conv's [out, in, 1, 1]
 weight is edited as its [out, in] matrix and keeps its shape. Only the
@@ -184,7 +185,19 @@ def _apply_bias(
         node.input.append("")
     node.input[position + 1], node.input[position + 2] = scale_name, zero_name
     inits[bias.quantized].CopyFrom(numpy_helper.from_array(q_new.reshape(q.shape).astype(q.dtype), bias.quantized))
+    _drop_unused(model, [bias.scale, *([bias.zero_point] if bias.zero_point else [])])
     return sorted(moves), True
+
+
+def _drop_unused(model: onnx.ModelProto, names: list[str]) -> None:
+    """Remove these initializers where no node reads them any more (ONNX Runtime warns of each on every load);
+    one that another node still reads stays."""
+    read = {name for node in model.graph.node for name in node.input}
+    outputs = {o.name for o in model.graph.output}
+    unused = {name for name in names if name not in read and name not in outputs}
+    kept = [t for t in model.graph.initializer if t.name not in unused]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
 
 
 def _scale_and_zero(

@@ -275,9 +275,10 @@ def solve_fit(problem: FitProblem, config: SolveConfig) -> NeuronSolution:
         rounds += 1
         program, block = fit_program(problem, working, integer, config.resolved_repair_bias, config.norm_weight)
         time_left = max(config.time_limit - (time.perf_counter() - start), 0.01)
-        status, z, objective = solve_program(program, config.backend, time_left, options)
+        result = solve_program(program, config.backend, time_left, options)
+        status, z, objective = result.status, result.z, result.objective
         if z is None:
-            seconds, reason = time.perf_counter() - start, _REASONS[status](config)
+            seconds, reason = time.perf_counter() - start, result.reason(config)
             return NeuronSolution(
                 problem.neuron, status, None, None, seconds, int(working.sum()), reason, rounds=rounds
             )
@@ -422,9 +423,10 @@ def solve_neuron(problem: NeuronProblem, config: SolveConfig) -> NeuronSolution:
             split_l1=config.structured,
         )
         time_left = max(config.time_limit - (time.perf_counter() - start), 0.01)
-        status, z, objective = solve_program(program, config.backend, time_left, options)
+        result = solve_program(program, config.backend, time_left, options)
+        status, z, objective = result.status, result.z, result.objective
         if z is None:
-            seconds, reason = time.perf_counter() - start, _REASONS[status](config)
+            seconds, reason = time.perf_counter() - start, result.reason(config)
             rows = int(working.sum())
             return NeuronSolution(problem.neuron, status, None, None, seconds, rows, reason, rounds=rounds)
         delta, beta = block.unpack(z)
@@ -538,14 +540,15 @@ def solve_logit(problem: LogitProblem, config: SolveConfig) -> list[NeuronSoluti
     program, blocks = logit_program(
         problem, config.resolved_objective, config.resolved_repair_bias, config.resolved_margin, config.norm_weight
     )
-    status, z, objective = solve_program(program, config.backend, config.time_limit, config.highs_options)
+    result = solve_program(program, config.backend, config.time_limit, config.highs_options)
+    status, z, objective = result.status, result.z, result.objective
     seconds = time.perf_counter() - start
     parameters = sum(len(b.weight_scale) + int(b.bias is not None) for b in blocks)
     score_rows = len(program.rhs) - 2 * parameters  # without the norm rows
     solutions = []
     for neuron, block in zip(problem.neurons, blocks, strict=True):
         if z is None:
-            solutions.append(NeuronSolution(neuron, status, None, None, seconds, score_rows, _REASONS[status](config)))
+            solutions.append(NeuronSolution(neuron, status, None, None, seconds, score_rows, result.reason(config)))
         else:
             delta, beta = block.unpack(z)
             solutions.append(NeuronSolution(neuron, status, delta, objective, seconds, score_rows, "", beta))
@@ -573,11 +576,30 @@ _REASONS = {
         "no weight change makes the neuron's sign match the float model on every repair input"
     ),
     SolveStatus.TIME_LIMIT: lambda config: f"no solution within the time limit of {config.time_limit:g} s",
-    SolveStatus.ERROR: lambda config: "the solver reported an error",
+    SolveStatus.ERROR: lambda config: "the solver failed",
     SolveStatus.UNCHANGED: lambda config: "its change does not lower its error on held-out rows",
     SolveStatus.OPTIMAL: lambda config: "",
     SolveStatus.FEASIBLE: lambda config: "",
 }
+
+
+@dataclass(frozen=True)
+class ProgramResult:
+    """What a solver made of a LinearProgram: `z` and `objective` are None unless it found a solution.
+
+    `solver_status` is the solver's own name for the outcome (HiGHS: Optimal, Infeasible...; CBC
+    through python-mip: OPTIMAL, INFEASIBLE...), given in every reason that is not a solution.
+    """
+
+    status: SolveStatus
+    z: NDArray[np.float64] | None
+    objective: float | None
+    solver_status: str = ""
+
+    def reason(self, config: SolveConfig) -> str:
+        """Why there is no solution, in words, with the solver's own status name; empty with one."""
+        text = _REASONS[self.status](config)
+        return f"{text} ({self.solver_status})" if text and self.solver_status else text
 
 
 def solve_program(
@@ -585,8 +607,8 @@ def solve_program(
     backend: SolverBackend,
     time_limit: float,
     highs_options: tuple[tuple[str, str | float | int | bool], ...] = (),
-) -> tuple[SolveStatus, NDArray[np.float64] | None, float | None]:
-    """Solve a LinearProgram; returns (status, z or None, objective or None).
+) -> ProgramResult:
+    """Solve a LinearProgram.
 
     HiGHS gets the matrix in one call through highspy; python-mip, which
     drives CBC, adds rows term by term in Python (about 2 ms per row of 1,280
@@ -599,7 +621,7 @@ def solve_program(
 
 def _solve_with_highspy(
     program: LinearProgram, time_limit: float, options: tuple[tuple[str, str | float | int | bool], ...]
-) -> tuple[SolveStatus, NDArray[np.float64] | None, float | None]:
+) -> ProgramResult:
     with _native_stdout_silenced():  # the banner is printed when the object is made
         highs = highspy.Highs()
     integer = program.integer if len(program.integer) else np.zeros(len(program.c), dtype=bool)
@@ -628,25 +650,51 @@ def _solve_with_highspy(
     highs.passModel(lp)
     highs.run()
     model_status = highs.getModelStatus()
-    has_solution = highs.getInfo().primal_solution_status == highspy.kSolutionStatusFeasible
-    if model_status == highspy.HighsModelStatus.kOptimal:
-        status = SolveStatus.OPTIMAL
-    elif model_status == highspy.HighsModelStatus.kInfeasible:
-        return SolveStatus.INFEASIBLE, None, None
-    elif model_status == highspy.HighsModelStatus.kTimeLimit:
-        if not has_solution:
-            return SolveStatus.TIME_LIMIT, None, None
+    if model_status == highspy.HighsModelStatus.kUnboundedOrInfeasible:
+        # Without presolve, dual simplex cannot tell the two apart; presolve can: solve again with it
+        highs.setOptionValue("presolve", "on")
+        highs.clearSolver()
+        highs.run()
+        model_status = highs.getModelStatus()
+    name = f"HiGHS: {highs.modelStatusToString(model_status)}"
+    status = _HIGHS_STATUS.get(model_status, SolveStatus.ERROR)
+    if status is SolveStatus.TIME_LIMIT and highs.getInfo().primal_solution_status == highspy.kSolutionStatusFeasible:
         status = SolveStatus.FEASIBLE
-    else:
-        return SolveStatus.ERROR, None, None
+    if status not in (SolveStatus.OPTIMAL, SolveStatus.FEASIBLE):
+        return ProgramResult(status, None, None, name)
     z = np.array(highs.getSolution().col_value, dtype=np.float64)
     z[integer] = np.round(z[integer])  # solvers return whole values up to a tolerance
-    return status, z, float(highs.getInfo().objective_function_value)
+    return ProgramResult(status, z, float(highs.getInfo().objective_function_value), name)
 
 
-def _solve_with_mip(
-    program: LinearProgram, backend: SolverBackend, time_limit: float
-) -> tuple[SolveStatus, NDArray[np.float64] | None, float | None]:
+# Every HiGHS model status. Unbounded-or-infeasible (after the re-solve with presolve) is infeasible: every
+# program here minimises a sum of non-negative terms, so none is unbounded. A limit reached is TIME_LIMIT
+# (FEASIBLE with a solution in hand); the rest are errors, named in the reason.
+_HIGHS_STATUS = {
+    highspy.HighsModelStatus.kOptimal: SolveStatus.OPTIMAL,
+    highspy.HighsModelStatus.kInfeasible: SolveStatus.INFEASIBLE,
+    highspy.HighsModelStatus.kUnboundedOrInfeasible: SolveStatus.INFEASIBLE,
+    highspy.HighsModelStatus.kTimeLimit: SolveStatus.TIME_LIMIT,
+    highspy.HighsModelStatus.kIterationLimit: SolveStatus.TIME_LIMIT,
+    highspy.HighsModelStatus.kSolutionLimit: SolveStatus.TIME_LIMIT,
+    highspy.HighsModelStatus.kInterrupt: SolveStatus.TIME_LIMIT,
+    highspy.HighsModelStatus.kHighsInterrupt: SolveStatus.TIME_LIMIT,
+    highspy.HighsModelStatus.kObjectiveBound: SolveStatus.TIME_LIMIT,
+    highspy.HighsModelStatus.kObjectiveTarget: SolveStatus.TIME_LIMIT,
+    highspy.HighsModelStatus.kUnbounded: SolveStatus.ERROR,
+    highspy.HighsModelStatus.kModelEmpty: SolveStatus.ERROR,
+    highspy.HighsModelStatus.kModelError: SolveStatus.ERROR,
+    highspy.HighsModelStatus.kLoadError: SolveStatus.ERROR,
+    highspy.HighsModelStatus.kPresolveError: SolveStatus.ERROR,
+    highspy.HighsModelStatus.kSolveError: SolveStatus.ERROR,
+    highspy.HighsModelStatus.kPostsolveError: SolveStatus.ERROR,
+    highspy.HighsModelStatus.kMemoryLimit: SolveStatus.ERROR,
+    highspy.HighsModelStatus.kNotset: SolveStatus.ERROR,
+    highspy.HighsModelStatus.kUnknown: SolveStatus.ERROR,
+}
+
+
+def _solve_with_mip(program: LinearProgram, backend: SolverBackend, time_limit: float) -> ProgramResult:
     model = mip.Model(sense=mip.MINIMIZE, solver_name=_MIP_NAMES[backend])
     model.verbose = 0
     model.threads = 1
@@ -668,13 +716,12 @@ def _solve_with_mip(
     with _native_stdout_silenced():  # CBC's LP code prints even with verbose=0
         result = model.optimize(max_seconds=time_limit)
     status = _STATUS.get(result, SolveStatus.ERROR)
+    name = f"{backend.value.upper()}: {result.name}"
     if status in (SolveStatus.OPTIMAL, SolveStatus.FEASIBLE):
         z = np.array([v.x for v in variables], dtype=np.float64)
         z[integer] = np.round(z[integer])  # solvers return whole values up to a tolerance
-        return status, z, float(model.objective_value)
-    if result == mip.OptimizationStatus.NO_SOLUTION_FOUND:
-        return SolveStatus.TIME_LIMIT, None, None
-    return status, None, None
+        return ProgramResult(status, z, float(model.objective_value), name)
+    return ProgramResult(status, None, None, name)
 
 
 def max_violation(program: LinearProgram, z: NDArray[np.float64]) -> float:
@@ -686,12 +733,18 @@ def max_violation(program: LinearProgram, z: NDArray[np.float64]) -> float:
 
 _MIP_NAMES = {SolverBackend.HIGHS: mip.HIGHS, SolverBackend.CBC: mip.CBC}
 
+# Every python-mip status (CUTOFF: nothing better than a cutoff, which onnxrepair never sets)
 _STATUS = {
     mip.OptimizationStatus.OPTIMAL: SolveStatus.OPTIMAL,
     mip.OptimizationStatus.FEASIBLE: SolveStatus.FEASIBLE,
     mip.OptimizationStatus.INFEASIBLE: SolveStatus.INFEASIBLE,
     mip.OptimizationStatus.INT_INFEASIBLE: SolveStatus.INFEASIBLE,
     mip.OptimizationStatus.NO_SOLUTION_FOUND: SolveStatus.TIME_LIMIT,
+    mip.OptimizationStatus.UNBOUNDED: SolveStatus.ERROR,
+    mip.OptimizationStatus.CUTOFF: SolveStatus.ERROR,
+    mip.OptimizationStatus.LOADED: SolveStatus.ERROR,
+    mip.OptimizationStatus.ERROR: SolveStatus.ERROR,
+    mip.OptimizationStatus.OTHER: SolveStatus.ERROR,
 }
 
 

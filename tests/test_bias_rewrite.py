@@ -170,15 +170,14 @@ def test_large_bias_move_is_reencoded(
     assert new_scale > float(values[bias.scale])
     assert after[new_zero_name].dtype == np.dtype(dtype)
     assert after[bias.quantized].dtype == np.dtype(dtype)
-    # the original scale and zero point are still there, unchanged
-    for name in (bias.scale, bias.zero_point):
-        assert name is not None
-        np.testing.assert_array_equal(after[name], values[name])
+    # the original scale and zero point are gone: only the bias read them, and ONNX Runtime would warn of each
+    # unused initializer on every load
+    assert bias.scale not in after and bias.zero_point not in after
     # every bias value is what was wanted, within one new step (read through the rewritten DQ node)
     _, b_new = layer_parameters(repaired, pair_layer(repaired, repaired, None).quant_layer)
     np.testing.assert_allclose(b_new, wanted, rtol=0, atol=new_scale)
     # the weights did not move
-    assert [k for k in values if not np.array_equal(values[k], after[k])] == [bias.quantized]
+    assert [k for k in values if k in after and not np.array_equal(values[k], after[k])] == [bias.quantized]
 
     check_full(repaired)
     onnx.save(repaired, tmp_path / "repaired.onnx")  # and it round-trips through a file
@@ -297,3 +296,39 @@ def test_a_float_bias_read_by_another_node_is_refused(tmp_path: Path, capsys: py
     code = main(["fix", str(float_path), str(quant_path), str(data), "-o", str(out), "--encoding", "bias-correction"])
     err = " ".join(capsys.readouterr().err.split())
     assert code == 2 and "'b'" in err and "used by" in err and not out.exists()
+
+
+def test_a_reencoded_bias_leaves_no_initializer_behind(
+    matmul_models: dict[str, tuple[onnx.ModelProto, np.ndarray]], capfd: pytest.CaptureFixture[str]
+) -> None:
+    """Issue 14: ONNX Runtime warned 'Removing initializer ... It is not used by any node' on every load."""
+    import onnxruntime as ort
+
+    quant, x = matmul_models["uint8"]
+    bias, layer = bias_of(quant, None)
+    _, b = layer_parameters(quant, layer)  # type: ignore[arg-type]
+    repaired, stats = apply_deltas(quant, layer, {}, {0: 5 * float(b.max() - b.min())})  # type: ignore[arg-type]
+    assert stats.bias_reencoded
+    read = {name for node in repaired.graph.node for name in node.input}
+    assert {t.name for t in repaired.graph.initializer} <= read
+    options = ort.SessionOptions()
+    options.log_severity_level = 1  # info and up: the warning would be printed
+    capfd.readouterr()
+    session = ort.InferenceSession(repaired.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    session.run(None, {session.get_inputs()[0].name: x[:2]})
+    err = capfd.readouterr().err
+    assert "Removing initializer" not in err
+
+
+def test_an_old_scale_another_node_reads_is_kept(matmul_models: dict[str, tuple[onnx.ModelProto, np.ndarray]]) -> None:
+    quant, _ = matmul_models["uint8"]
+    shared = onnx.ModelProto()
+    shared.CopyFrom(quant)
+    bias, layer = bias_of(shared, None)
+    # a node of its own reads the bias scale too
+    shared.graph.node.append(onnx.helper.make_node("Identity", [bias.scale], ["scale_copy"], name="reader"))
+    _, b = layer_parameters(shared, layer)  # type: ignore[arg-type]
+    repaired, stats = apply_deltas(shared, layer, {}, {0: 5 * float(b.max() - b.min())})  # type: ignore[arg-type]
+    assert stats.bias_reencoded
+    assert bias.scale in {t.name for t in repaired.graph.initializer}
+    assert bias.zero_point not in {t.name for t in repaired.graph.initializer}

@@ -341,3 +341,37 @@ def test_score_beats_is_better_on_one_figure_and_worse_on_none(
     from onnxrepair.search import Score
 
     assert Score(*mine).beats(Score(*theirs)) is expected
+
+
+def test_a_worse_model_is_written_with_a_word(
+    digits: DigitsExample, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 14: a plain fix whose model is worse than QUANT on validation says so, and the report too."""
+    import onnxrepair.repair as repair_module
+    from onnxrepair.graph import layer_parameters
+    from onnxrepair.rewrite import apply_deltas
+
+    real = repair_module.repair_layer
+
+    def damaging(quant_model, pair, activity, method, *args, **kwargs):  # type: ignore[no-untyped-def]
+        model, outcome = real(quant_model, pair, activity, method, *args, **kwargs)
+        w, _ = layer_parameters(model, pair.quant_layer)
+        damaged, _ = apply_deltas(model, pair.quant_layer, {j: -w[j] for j in range(pair.quant_layer.n_out)})
+        return damaged, outcome
+
+    monkeypatch.setattr(repair_module, "repair_layer", damaging)
+    monkeypatch.setenv("COLUMNS", "200")
+    output = tmp_path / "r.onnx"
+    run = run_fix(capsys, digits.float_path, digits.quant_path, digits.images, "--val", digits.validation,
+                  "-o", output, report=tmp_path / "r.json")  # fmt: skip
+    assert run.code == 0 and output.exists()  # written, as asked
+    assert run.report["worse_than_quant"] is True
+    assert "worse than the quantized one on the validation images" in " ".join(run.out.split())
+
+
+def test_a_better_model_is_not_called_worse(digits: DigitsExample, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    run = run_fix(capsys, digits.float_path, digits.quant_path, digits.images, "--val", digits.validation,
+                  "-o", tmp_path / "r.onnx", "--encoding", "logit", report=tmp_path / "r.json")  # fmt: skip
+    assert run.code == 0
+    assert run.report["worse_than_quant"] is False
+    assert "worse than the quantized" not in run.out

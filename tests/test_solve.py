@@ -95,7 +95,8 @@ def test_solve_program_hand_case(backend: SolverBackend) -> None:
         lower=np.array([0.0, 0.0]),
         upper=np.array([2.0, np.inf]),
     )
-    status, z, objective = solve_program(lp, backend, 10.0)
+    result = solve_program(lp, backend, 10.0)
+    status, z, objective = result.status, result.z, result.objective
     assert status is SolveStatus.OPTIMAL
     np.testing.assert_allclose(z, [2.0, 1.0], atol=1e-7)
     assert objective == pytest.approx(4.0, abs=1e-7)
@@ -212,3 +213,57 @@ def test_highs_and_cbc_agree(seed: int) -> None:
     cbc = solve_neuron(problem, config(SolverBackend.CBC, 0.02))
     assert highs.status is cbc.status is SolveStatus.OPTIMAL
     assert highs.objective == pytest.approx(cbc.objective, rel=1e-6, abs=1e-8)
+
+
+# --- solver statuses (issue 14: "the solver reported an error" where the program was infeasible) -----------
+
+
+def infeasible_program() -> LinearProgram:
+    """z <= -1 and z >= 1."""
+    return LinearProgram(
+        c=np.array([1.0]),
+        a=np.array([[1.0], [-1.0]]),
+        rhs=np.array([-1.0, -1.0]),
+        lower=np.array([-np.inf]),
+        upper=np.array([np.inf]),
+    )
+
+
+@pytest.mark.parametrize("backend", BACKENDS, ids=lambda b: b.value)
+def test_an_infeasible_program_is_infeasible_and_the_reason_names_the_solvers_status(backend: SolverBackend) -> None:
+    result = solve_program(
+        infeasible_program(), backend, 10.0, (("presolve", "off"),) if backend.value == "highs" else ()
+    )
+    assert result.status is SolveStatus.INFEASIBLE and result.z is None
+    reason = result.reason(SolveConfig())
+    assert reason.startswith("no weight change") and ("Infeasible" in reason or "INFEASIBLE" in reason)
+
+
+def test_unbounded_or_infeasible_without_presolve_is_solved_again_with_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """HiGHS's dual simplex with presolve off answers kUnboundedOrInfeasible; presolve then tells which."""
+    import highspy
+
+    calls = {"n": 0}
+    real = highspy.Highs.getModelStatus
+
+    def ambiguous_first(self):  # type: ignore[no-untyped-def]
+        calls["n"] += 1
+        return highspy.HighsModelStatus.kUnboundedOrInfeasible if calls["n"] == 1 else real(self)
+
+    monkeypatch.setattr(highspy.Highs, "getModelStatus", ambiguous_first)
+    result = solve_program(infeasible_program(), SolverBackend.HIGHS, 10.0, (("presolve", "off"),))
+    assert calls["n"] == 2  # asked again after the re-solve
+    assert result.status is SolveStatus.INFEASIBLE
+    assert "Infeasible" in result.solver_status
+
+
+def test_every_highs_status_maps_to_a_solve_status() -> None:
+    import highspy
+
+    from onnxrepair.solve import _HIGHS_STATUS
+
+    statuses = [
+        getattr(highspy.HighsModelStatus, name) for name in dir(highspy.HighsModelStatus) if name.startswith("k")
+    ]
+    assert set(statuses) <= set(_HIGHS_STATUS)
+    assert _HIGHS_STATUS[highspy.HighsModelStatus.kUnboundedOrInfeasible] is SolveStatus.INFEASIBLE
