@@ -66,7 +66,7 @@ from onnxrepair.graph import (
 from onnxrepair.inspection import inspect_models
 from onnxrepair.parallel import available_cores
 from onnxrepair.plot import plot_importance
-from onnxrepair.quantize import CALIBRATIONS, WEIGHT_TYPES, QuantizeConfig, quantize
+from onnxrepair.quantization import CALIBRATIONS, WEIGHT_TYPES, QuantizeConfig, quantize
 from onnxrepair.repair import (
     default_encoding,
     list_layers,

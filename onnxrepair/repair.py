@@ -22,7 +22,7 @@ from onnxrepair.activity import FloatTargets
 from onnxrepair.config import Encoding, RepairConfig
 from onnxrepair.data import ImageSet, stratified_split
 from onnxrepair.errors import ModelPairingError, OnnxRepairError
-from onnxrepair.evaluate import Evaluation, evaluate_scores
+from onnxrepair.evaluation import Evaluation, evaluate_scores
 from onnxrepair.graph import (
     Layer,
     LayerPair,

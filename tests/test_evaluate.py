@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from onnxrepair.evaluate import evaluate_scores
+from onnxrepair.evaluation import evaluate_scores
 
 
 def one_hot(classes: list[int], n: int = 3) -> np.ndarray:
