@@ -1,10 +1,16 @@
 """onnxrepair: repair quantized ONNX models with fault localisation and LP/MILP solving.
 
-The pipeline (one module per stage, data flowing one way):
-data -> runtime/graph -> spectrum -> localize -> solve -> rewrite -> evaluate -> report.
+The Python API is `fix`, `quantize`, `inspect` and `evaluate` (api.py; the
+command line is a thin layer over them). The pipeline, one module per stage,
+data flowing one way: data -> runtime/graph -> activity/rows -> spectrum ->
+localize -> solve/reconstruct -> rewrite -> evaluation -> report.
 """
 
+__version__ = "0.1.0"  # before the imports below: report.py reads it
+
+from onnxrepair.api import RepairResult, evaluate, fix, inspect, quantize
 from onnxrepair.config import Encoding, Metric, RepairConfig, SolverBackend
+from onnxrepair.data import ImageSet, PreprocessingOptions
 from onnxrepair.errors import (
     DataError,
     ModelLoadError,
@@ -14,11 +20,16 @@ from onnxrepair.errors import (
     UnsupportedModelError,
 )
 
-__version__ = "0.1.0"
-
 __all__ = [
     "DataError",
     "Encoding",
+    "ImageSet",
+    "PreprocessingOptions",
+    "RepairResult",
+    "evaluate",
+    "fix",
+    "inspect",
+    "quantize",
     "Metric",
     "ModelLoadError",
     "ModelPairingError",

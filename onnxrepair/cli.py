@@ -19,17 +19,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-import onnx
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.markup import escape
 
 from onnxrepair import __version__
+from onnxrepair.api import plan_fix, read_fix_images, read_images, resolve_preprocessing, run_fix
 from onnxrepair.config import (
-    ALL_NEURONS,
     LOGIT_MARGIN,
     SIGN_MARGIN,
-    WHOLE_LAYER_ENCODINGS,
     Encoding,
     Metric,
     Objective,
@@ -40,38 +38,24 @@ from onnxrepair.config import (
 )
 from onnxrepair.data import (
     PRESETS,
-    ImageSet,
-    Preprocessing,
     PreprocessingOptions,
-    count_images,
     is_array_file,
-    load_array_file,
-    load_image_folder,
-    options_from_saved,
-    preprocessing_from_options,
-    stratified_split,
 )
 from onnxrepair.errors import DataError, ModelPairingError, OnnxRepairError
 from onnxrepair.files import check_output_path, save_json, save_model
 from onnxrepair.graph import (
-    InputSpec,
     check_models_match,
     input_spec,
     load_model,
-    pair_layer,
     rejected_layers,
     save_preprocessing,
-    saved_preprocessing,
 )
 from onnxrepair.inspection import inspect_models
 from onnxrepair.parallel import available_cores
 from onnxrepair.plot import plot_importance
-from onnxrepair.quantization import CALIBRATIONS, WEIGHT_TYPES, QuantizeConfig, quantize
+from onnxrepair.quantization import CALIBRATIONS, WEIGHT_TYPES, QuantizeConfig, quantize_model
 from onnxrepair.repair import (
-    default_encoding,
     list_layers,
-    repair,
-    resolve_layers,
     score_model,
 )
 from onnxrepair.report import (
@@ -82,7 +66,6 @@ from onnxrepair.report import (
     print_layers,
     print_model_score,
     print_summary,
-    report_dict,
 )
 from onnxrepair.runtime import default_batch_size, make_session, select_providers
 
@@ -426,7 +409,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     console = Console(quiet=args.quiet)
     errors = Console(stderr=True)
     try:
-        commands = {"eval": run_eval, "quantize": run_quantize, "fix": run_fix, "inspect": run_inspect}
+        commands = {"eval": run_eval, "quantize": run_quantize, "fix": fix_command, "inspect": run_inspect}
         return commands[args.command](args, console)
     except OnnxRepairError as exc:
         if args.debug:
@@ -438,18 +421,45 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_INTERRUPTED
 
 
-def run_fix(args: argparse.Namespace, console: Console) -> int:
-    float_model = load_model(args.float_model, "FLOAT")
-    quant_model = load_model(args.quant_model, "QUANT")
-    check_models_match(float_model, quant_model)
+def fix_command(args: argparse.Namespace, console: Console) -> int:
+    """`onnxrepair fix`: the API's plan_fix / read_fix_images / run_fix, with output files and printing."""
     if args.list_layers:
+        float_model = load_model(args.float_model, "FLOAT")
+        quant_model = load_model(args.quant_model, "QUANT")
+        check_models_match(float_model, quant_model)
         print_layers(console, list_layers(float_model, quant_model), rejected_layers(float_model))
         return EXIT_OK
-    layer_specs = tuple(args.layer) + tuple(n.strip() for n in (args.layers or "").split(",") if n.strip())
-    # a wrong --layer fails now, not after loading images
-    pairs = [pair_layer(float_model, quant_model, name) for name in resolve_layers(float_model, layer_specs)]
-    encoding = Encoding(args.encoding) if args.encoding else default_encoding([p.float_layer for p in pairs])
-    neurons = args.neurons or (ALL_NEURONS if encoding in WHOLE_LAYER_ENCODINGS else DEFAULT_NEURONS)
+    layer_specs = [*args.layer, *((args.layers or "").split(","))]
+    plan = plan_fix(
+        args.float_model,
+        args.quant_model,
+        args.images if args.images is not None else args.float_model,  # checked below, after the layers
+        val=args.val,
+        val_fraction=args.val_fraction,
+        layers=[name for name in layer_specs if name.strip()],
+        encoding=args.encoding,
+        metric=args.metric,
+        neurons=args.neurons,
+        objective=args.objective,
+        repair_bias=args.repair_bias,
+        margin=args.margin,
+        norm_weight=args.norm_weight,
+        time_limit=args.time_limit,
+        solver=args.solver,
+        full_lp=args.full_lp,
+        search=args.search,
+        budget=args.budget,
+        confirm_folds=args.confirm_folds,
+        confidence=args.confidence,
+        guard=args.guard,
+        holdout_fraction=args.holdout_fraction,
+        positions_per_image=args.positions_per_image,
+        seed=args.seed,
+        jobs=args.jobs,
+        provider=args.provider,
+        batch_size=args.batch_size,
+        preprocessing=preprocessing_options(args),
+    )
     if args.images is None:
         raise DataError("IMAGES is missing: give a folder of class subfolders or a .npz file (or use --list-layers)")
     paths = FixPaths(
@@ -469,67 +479,24 @@ def run_fix(args: argparse.Namespace, console: Console) -> int:
         check_output_path(path, args.force, inputs, what)
     if len({p.resolve() for p, _ in outputs}) < len(outputs):
         raise DataError("-o, --report and --plot must name different files")
-    config = RepairConfig(
-        layers=layer_specs,
-        metric=Metric(args.metric),
-        neurons=neurons,
-        val_fraction=args.val_fraction,
-        seed=args.seed,
-        batch_size=args.batch_size or default_batch_size(input_spec(float_model).shape),
-        solve=SolveConfig(
-            encoding=encoding,
-            objective=Objective(args.objective) if args.objective else None,
-            repair_bias=args.repair_bias,
-            margin=args.margin,
-            norm_weight=args.norm_weight,
-            time_limit=args.time_limit,
-            backend=SolverBackend(args.solver),
-            structured=not args.full_lp,
-        ),
-        jobs=args.jobs,
-        providers=tuple(select_providers(args.provider)),
-        holdout_fraction=args.holdout_fraction,
-        guard=args.guard,
-        positions_per_image=args.positions_per_image,
-        search=SearchConfig(
-            budget=args.budget,
-            confirm_folds=args.confirm_folds,
-            confidence=args.confidence,
-        )
-        if args.search
-        else None,
-    )
-    spec = input_spec(float_model)
-    saved_in = [(paths.quant_model, quant_model), (paths.float_model, float_model)]
-    image_paths = [p for p in (paths.images, paths.validation) if p is not None]
-    prep, prep_text = resolve_preprocessing(args, spec, saved_in, image_paths, console)
+    print_preprocessing(args, console, plan.prep_text, [p for p in (args.images, args.val) if p is not None])
     with RichProgress(console, enabled=not args.quiet) as progress:
-        repair_set, validation_set = load_sets(paths, spec.shape, prep, args, config, progress)
+        sets = read_fix_images(plan, args.images, args.labels, args.val, args.val_labels, progress)
+        repair_set, validation_set = sets
         skipped = sorted(set(repair_set.skipped) | set(validation_set.skipped))
         console.print(
             f"images: {len(repair_set)} for repair, {len(validation_set)} for validation"
             + (f" ({len(skipped)} undecodable file(s) skipped)" if skipped else ""),
             highlight=False,
         )
-        result = repair(float_model, quant_model, repair_set, validation_set, config, progress)
+        fixed = run_fix(plan, repair_set, validation_set, progress)
+    result = fixed.run
     if result.model is not None:
-        if prep is not None:
-            save_preprocessing(result.model, prep.saved_options())
-        make_session(result.model, "repaired", config.providers)  # one more check that ORT loads what is written
+        make_session(result.model, "repaired", plan.config.providers)  # one more check that ORT loads what is written
         save_model(result.model, paths.output)
     if paths.report is not None:
-        report = report_dict(
-            result,
-            config,
-            inputs={
-                k: str(v)
-                for k, v in vars(paths).items()
-                if v is not None and k in ("float_model", "quant_model", "images", "validation")
-            },
-            preprocessing=prep_text,
-            output=str(paths.output) if result.model is not None else None,
-        )
-        save_json({**report, "skipped_images": skipped}, paths.report)
+        output = str(paths.output) if result.model is not None else None
+        save_json({**fixed.report, "output": output}, paths.report)
     plotted = None
     if paths.plot is not None and result.layers:
         last = result.layers[-1]
@@ -543,7 +510,7 @@ def run_fix(args: argparse.Namespace, console: Console) -> int:
         plotted = paths.plot
     elif paths.plot is not None:
         logger.warning("no plot written: nothing was repaired, so there is no ranking to draw")
-    print_summary(console, result, config)
+    print_summary(console, result, plan.config)
     extras = "".join(
         f", {what} to {escape(str(path))}" for path, what in ((paths.report, "report"), (plotted, "plot")) if path
     )
@@ -560,9 +527,12 @@ def run_quantize(args: argparse.Namespace, console: Console) -> int:
     float_model = load_model(args.float_model, "FLOAT")
     check_output_path(args.output, args.force, [args.float_model], "output model")
     spec = input_spec(float_model)
-    prep, _ = resolve_preprocessing(args, spec, [(args.float_model, float_model)], [args.images], console)
+    prep, prep_text = resolve_preprocessing(
+        preprocessing_options(args), spec, [(str(args.float_model), float_model)], [args.images]
+    )
+    print_preprocessing(args, console, prep_text, [args.images])
     with RichProgress(console, enabled=not args.quiet) as progress:
-        images = read_images(args.images, spec.shape, prep, args.labels, progress)
+        images = read_images(args.images, spec, prep, args.labels, progress)
     config = QuantizeConfig(
         per_channel=args.per_channel,
         weights=args.weights,
@@ -574,7 +544,7 @@ def run_quantize(args: argparse.Namespace, console: Console) -> int:
         providers=tuple(select_providers(args.provider)),
     )
     console.print(f"quantizing on {min(args.calibration_size, len(images))} images at most ...", highlight=False)
-    result = quantize(args.float_model, images, config)
+    result = quantize_model(args.float_model, images, config)
     if prep is not None:
         save_preprocessing(result.model, prep.saved_options())
     save_model(result.model, args.output)
@@ -594,22 +564,6 @@ def run_quantize(args: argparse.Namespace, console: Console) -> int:
     return EXIT_OK
 
 
-def read_images(
-    path: Path,
-    input_shape: tuple[int | None, ...],
-    prep: Preprocessing | None,
-    labels: Path | None,
-    progress: RichProgress,
-    description: str = "loading images",
-    class_names: tuple[str, ...] | None = None,
-) -> ImageSet:
-    """Arrays as they are, or an image folder through `prep`, with a progress bar."""
-    if is_array_file(path) or prep is None:
-        return load_array_file(path, input_shape)
-    with progress.task(description, count_images(path)) as advance:
-        return load_image_folder(path, prep, advance, class_names=class_names, labels_file=labels)
-
-
 def run_eval(args: argparse.Namespace, console: Console) -> int:
     """`onnxrepair eval`: score MODEL on IMAGES, against the float model when given."""
     model = load_model(args.model, "evaluated")
@@ -625,10 +579,11 @@ def run_eval(args: argparse.Namespace, console: Console) -> int:
         check_output_path(args.report, args.force, [p for p in (args.model, args.against) if p], "report")
     spec = input_spec(model)
     providers = select_providers(args.provider)
-    saved_in = [(args.model, model)] + ([(args.against, reference)] if reference is not None else [])
-    prep, prep_text = resolve_preprocessing(args, spec, saved_in, [args.images], console)
+    saved_in = [(str(args.model), model)] + ([(str(args.against), reference)] if reference is not None else [])
+    prep, prep_text = resolve_preprocessing(preprocessing_options(args), spec, saved_in, [args.images])
+    print_preprocessing(args, console, prep_text, [args.images])
     with RichProgress(console, enabled=not args.quiet) as progress:
-        images = read_images(args.images, spec.shape, prep, args.labels, progress)
+        images = read_images(args.images, spec, prep, args.labels, progress)
         batch_size = args.batch_size or default_batch_size(spec.shape)
         score = score_model(model, images, batch_size, reference, providers, progress)
     print_model_score(console, args.model, score, args.against)
@@ -656,10 +611,11 @@ def run_inspect(args: argparse.Namespace, console: Console) -> int:
     if args.json is not None and not to_stdout:
         check_output_path(args.json, args.force, [args.float_model, args.quant_model, args.images], "--json file")
     spec = input_spec(float_model)
-    saved_in = [(args.quant_model, quant_model), (args.float_model, float_model)]
-    prep, prep_text = resolve_preprocessing(args, spec, saved_in, [args.images], console)
+    saved_in = [(str(args.quant_model), quant_model), (str(args.float_model), float_model)]
+    prep, prep_text = resolve_preprocessing(preprocessing_options(args), spec, saved_in, [args.images])
+    print_preprocessing(args, console, prep_text, [args.images])
     with RichProgress(console, enabled=not (args.quiet or to_stdout)) as progress:
-        images = read_images(args.images, spec.shape, prep, args.labels, progress)
+        images = read_images(args.images, spec, prep, args.labels, progress)
         inspection = inspect_models(
             float_model,
             quant_model,
@@ -691,27 +647,6 @@ def run_inspect(args: argparse.Namespace, console: Console) -> int:
     return EXIT_OK
 
 
-def load_sets(
-    paths: FixPaths,
-    input_shape: tuple[int | None, ...],
-    prep: Preprocessing | None,
-    args: argparse.Namespace,
-    config: RepairConfig,
-    progress: RichProgress,
-) -> tuple[ImageSet, ImageSet]:
-    """The repair and validation inputs: a separate --val, or a stratified split of IMAGES."""
-    assert paths.images is not None
-    images = read_images(paths.images, input_shape, prep, args.labels, progress)
-    if paths.validation is None:
-        repair_idx, val_idx = stratified_split(images.strata, config.val_fraction, config.seed)
-        return images.subset(repair_idx), images.subset(val_idx)
-    class_names = images.class_names if args.val_labels is None and args.labels is None else None
-    validation = read_images(
-        paths.validation, input_shape, prep, args.val_labels, progress, "loading --val", class_names or None
-    )
-    return images, validation
-
-
 def _add_preprocessing_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group(
         "image preprocessing",
@@ -739,51 +674,28 @@ def _add_preprocessing_flags(parser: argparse.ArgumentParser) -> None:
 PREPROCESSING_FLAGS = ("preprocess", "mean", "std", "resize", "bgr")
 
 
-def choose_preprocessing(
-    args: argparse.Namespace, spec: InputSpec, saved_in: Sequence[tuple[Path, onnx.ModelProto]]
-) -> tuple[Preprocessing, str]:
-    """The preprocessing of this run and where it came from.
-
-    Options on the command line win; without any, the first model in `saved_in`
-    that onnxrepair wrote supplies the options it was written with.
-    """
-    if any(getattr(args, flag) is not None for flag in PREPROCESSING_FLAGS):
-        resize, shorter_side = args.resize or ("stretch", None)
-        options = PreprocessingOptions(
-            preset=args.preprocess or "unit",
-            mean=tuple(args.mean) if args.mean else None,
-            std=tuple(args.std) if args.std else None,
-            resize=resize,
-            shorter_side=shorter_side,
-            bgr=bool(args.bgr),
-        )
-        return preprocessing_from_options(spec.name, spec.shape, options), "options"
-    for path, model in saved_in:
-        text = saved_preprocessing(model)
-        if text is not None:
-            options = options_from_saved(text, str(path))
-            return preprocessing_from_options(spec.name, spec.shape, options), f"saved in {path}"
-    return preprocessing_from_options(spec.name, spec.shape, PreprocessingOptions()), "default"
+def preprocessing_options(args: argparse.Namespace) -> PreprocessingOptions | None:
+    """The preprocessing options given on the command line, as a whole; None when none was given."""
+    if all(getattr(args, flag) is None for flag in PREPROCESSING_FLAGS):
+        return None
+    resize, shorter_side = args.resize or ("stretch", None)
+    return PreprocessingOptions(
+        preset=args.preprocess or "unit",
+        mean=tuple(args.mean) if args.mean else None,
+        std=tuple(args.std) if args.std else None,
+        resize=resize,
+        shorter_side=shorter_side,
+        bgr=bool(args.bgr),
+    )
 
 
-def resolve_preprocessing(
-    args: argparse.Namespace,
-    spec: InputSpec,
-    saved_in: Sequence[tuple[Path, onnx.ModelProto]],
-    image_paths: Sequence[Path],
-    console: Console,
-) -> tuple[Preprocessing | None, str]:
-    """The run's preprocessing (None when every input is an array file), printed; and the report's text."""
+def print_preprocessing(args: argparse.Namespace, console: Console, text: str, image_paths: Sequence[Path]) -> None:
+    """Say how images are read; warn when image options were given for arrays, which are used as they are."""
     if all(is_array_file(path) for path in image_paths):
         given = [f"--{flag}" for flag in PREPROCESSING_FLAGS if getattr(args, flag) is not None]
         if given:
             logger.warning("%s apply to image files; arrays from .npz/.npy are used as they are", ", ".join(given))
-        prep, text = None, "arrays from .npz/.npy used as they are"
-    else:
-        prep, source = choose_preprocessing(args, spec, saved_in)
-        text = prep.describe() + ("" if source in ("options", "default") else f" ({source})")
     console.print(f"preprocessing: {escape(text)}", highlight=False, soft_wrap=True)
-    return prep, text
 
 
 def _image_options_given(args: argparse.Namespace) -> list[str]:

@@ -65,7 +65,7 @@ class QuantizeResult:
     float_holdout: ModelScore  # the float model's own accuracy there
 
 
-def quantize(float_path: Path, images: ImageSet, config: QuantizeConfig) -> QuantizeResult:
+def quantize_model(float_path: Path, images: ImageSet, config: QuantizeConfig) -> QuantizeResult:
     """Quantize the model at `float_path` to QDQ, calibrated on part of `images`.
 
     Raises:

@@ -74,7 +74,7 @@ class GuardStep:
 
 
 @dataclass(frozen=True)
-class RepairResult:
+class RepairRun:
     """Everything a repair run produced.
 
     Attributes:
@@ -157,7 +157,7 @@ def repair(
     validation_set: ImageSet,
     config: RepairConfig,
     progress: Progress | None = None,
-) -> RepairResult:
+) -> RepairRun:
     """Repair the configured layers of `quant_model`, one after another (QNNRepair, Algorithm 1).
 
     Each layer's spectra are read from the model as patched so far. With
@@ -196,7 +196,7 @@ def _repair(
     config: RepairConfig,
     progress: Progress,
     executor: Executor,
-) -> RepairResult:
+) -> RepairRun:
     started = time.perf_counter()
     check_models_match(float_model, quant_model)
     names = resolve_layers(float_model, config.layers)
@@ -300,7 +300,7 @@ def _repair(
         total=total,
         search=search_seconds,
     )
-    return RepairResult(
+    return RepairRun(
         model=model,
         layers=layers,
         guard=guard_steps,

@@ -23,7 +23,7 @@ from onnxrepair.config import Encoding, RepairConfig
 from onnxrepair.inspection import Inspection
 from onnxrepair.layers import RejectedLayer
 from onnxrepair.methods import LayerRepair
-from onnxrepair.repair import LayerRow, ModelScore, RepairResult
+from onnxrepair.repair import LayerRow, ModelScore, RepairRun
 from onnxrepair.search import Score
 
 
@@ -58,7 +58,7 @@ class RichProgress:
 
 
 def report_dict(
-    result: RepairResult,
+    result: RepairRun,
     config: RepairConfig,
     inputs: dict[str, str],
     preprocessing: str,
@@ -124,7 +124,7 @@ def report_dict(
     }
 
 
-def _guard_dict(result: RepairResult) -> dict[str, Any]:
+def _guard_dict(result: RepairRun) -> dict[str, Any]:
     return {
         "holdout_size": result.holdout_size,
         "holdout_before": _score_dict(result.holdout_before),
@@ -143,7 +143,7 @@ def _guard_dict(result: RepairResult) -> dict[str, Any]:
     }
 
 
-def _solve_time_stats(result: RepairResult) -> dict[str, float | None]:
+def _solve_time_stats(result: RepairRun) -> dict[str, float | None]:
     """Median, 90th percentile and largest seconds of one solver run (a neuron, or a joint logit program)."""
     seconds: list[float] = []
     for layer in result.layers:
@@ -160,7 +160,7 @@ def _solve_time_stats(result: RepairResult) -> dict[str, float | None]:
     }
 
 
-def _by_layer(result: RepairResult, pick: Callable[[LayerRepair], list[int]]) -> list[int] | dict[str, list[int]]:
+def _by_layer(result: RepairRun, pick: Callable[[LayerRepair], list[int]]) -> list[int] | dict[str, list[int]]:
     grouped: dict[str, list[int]] = {}
     for layer in result.layers:
         chosen = grouped.setdefault(layer.pair.float_layer.name, [])
@@ -210,7 +210,7 @@ def _layer_dict(layer: LayerRepair) -> dict[str, Any]:
     }
 
 
-def _search_dict(result: RepairResult, config: RepairConfig) -> dict[str, Any]:
+def _search_dict(result: RepairRun, config: RepairConfig) -> dict[str, Any]:
     assert config.search is not None
     return {
         "budget": config.search.budget,
@@ -233,7 +233,7 @@ def _search_dict(result: RepairResult, config: RepairConfig) -> dict[str, Any]:
     }
 
 
-def nothing_better_reason(result: RepairResult) -> str:
+def nothing_better_reason(result: RepairRun) -> str:
     """Why the search wrote no model, in one sentence."""
     check = result.confirmation
     if check is None or check.confirmed:
@@ -259,7 +259,7 @@ def _changed_channels(layer: LayerRepair) -> set[int]:
     return {n for n, count in rewrite.changed.items() if count} | set(rewrite.bias_changed)
 
 
-def print_summary(console: Console, result: RepairResult, config: RepairConfig) -> None:
+def print_summary(console: Console, result: RepairRun, config: RepairConfig) -> None:
     """Float, quantized and repaired side by side; gains in green, losses in red."""
     if result.trials:
         _print_trials(console, result)
@@ -319,7 +319,7 @@ def print_summary(console: Console, result: RepairResult, config: RepairConfig) 
 _LAYER_LINES = 4  # more layers than this are summed up in a table, one row each
 
 
-def _print_layer_table(console: Console, result: RepairResult) -> None:
+def _print_layer_table(console: Console, result: RepairRun) -> None:
     """One row per layer repaired (kept or rolled back by the guard), then the totals."""
     steps = result.guard or [None] * len(result.layers)
     repairs = [step.repair for step in result.guard] if result.guard else result.layers
@@ -385,7 +385,7 @@ def _print_layer(console: Console, layer: LayerRepair) -> None:
         console.print(f"  [yellow]{len(neurons)} neuron(s) left unchanged {neurons}[/]: {escape(reason)}")
 
 
-def _print_trials(console: Console, result: RepairResult) -> None:
+def _print_trials(console: Console, result: RepairRun) -> None:
     table = Table(title=f"Search ({result.holdout_size} held-out repair images)", title_justify="left")
     for column in ("layer", "method", "held-out agreement", "accuracy", "s", "kept"):
         table.add_column(column, justify="right" if column not in ("layer", "method") else "left")

@@ -467,14 +467,14 @@ def test_ctrl_c_exits_130_and_leaves_no_file(
     monkeypatch: pytest.MonkeyPatch,
     where: str,
 ) -> None:
-    import onnxrepair.cli
+    import onnxrepair.api
     import onnxrepair.files
 
     def interrupt(*args: object, **kwargs: object) -> None:
         raise KeyboardInterrupt
 
     if where == "during the repair":
-        monkeypatch.setattr(onnxrepair.cli, "repair", interrupt)
+        monkeypatch.setattr(onnxrepair.api, "repair", interrupt)
     else:
         monkeypatch.setattr(onnxrepair.files.os, "replace", interrupt)
     output = tmp_path / "out" / "repaired.onnx"
