@@ -68,12 +68,15 @@ __all__ = [
     "initializers",
     "input_spec",
     "integer_bounds",
+    "integer_dtype",
     "layer_grid",
     "load_model",
     "pair_layer",
     "parameter_scale",
     "parameter_value",
     "rejected_layers",
+    "stored_integers",
+    "stored_tensor",
     "tap_layer",
     "with_outputs",
 ]
@@ -340,11 +343,47 @@ def _parameter_grid(
     if isinstance(param, FloatTensor):
         shape = tuple(inits[param.initializer].dims)
         return np.zeros(shape), np.full(shape, -np.inf), np.full(shape, np.inf)
-    q = numpy_helper.to_array(inits[param.quantized])
+    q = stored_integers(inits, param)
     scale = channel_view(parameter_scale(inits, param), q.ndim, param.axis)
     low, high = integer_bounds(q, parameter_zero_point(inits, param, q.ndim), weight=param.scale_factor is None)
     q64 = q.astype(np.float64)
     return np.broadcast_to(scale, q.shape).copy(), low - q64, high - q64
+
+
+def integer_dtype(inits: dict[str, onnx.TensorProto], param: QuantizedTensor) -> np.dtype:
+    """The integer type of a quantized parameter: its initializer's, or for one quantized at run time the zero
+    point's (QuantizeLinear's output type; uint8 without a zero point)."""
+    if param.quantize_node is None:
+        return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(inits[param.quantized].data_type))
+    if param.zero_point is None:
+        return np.dtype(np.uint8)
+    return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(inits[param.zero_point].data_type))
+
+
+def stored_integers(inits: dict[str, onnx.TensorProto], param: QuantizedTensor) -> NDArray:
+    """The integers a quantized parameter holds: its initializer, or what QuantizeLinear makes of its float one
+    (saturate(round_half_to_even(w / scale) + zero_point), as ONNX defines it)."""
+    values = numpy_helper.to_array(inits[param.quantized])
+    if param.quantize_node is None:
+        return values
+    dtype = integer_dtype(inits, param)
+    info = ml_dtypes.iinfo(dtype)
+    scale = channel_view(parameter_scale(inits, param), values.ndim, param.axis)
+    zero = parameter_zero_point(inits, param, values.ndim)
+    q = np.clip(np.round(values.astype(np.float64) / scale) + zero, info.min, info.max)
+    return q.astype(dtype)
+
+
+def stored_tensor(inits: dict[str, onnx.TensorProto], param: QuantizedTensor, q: NDArray) -> onnx.TensorProto:
+    """The initializer that holds integers `q` for `param`: the integers themselves, or for a parameter quantized
+    at run time the float values scale * (q - zero point) it quantizes back to `q` exactly."""
+    if param.quantize_node is None:
+        return numpy_helper.from_array(q.astype(integer_dtype(inits, param)), param.quantized)
+    original = numpy_helper.to_array(inits[param.quantized])
+    scale = channel_view(parameter_scale(inits, param), q.ndim, param.axis)
+    zero = parameter_zero_point(inits, param, q.ndim)
+    values = (q.astype(np.float64) - zero) * scale
+    return numpy_helper.from_array(values.astype(original.dtype), param.quantized)
 
 
 def parameter_zero_point(inits: dict[str, onnx.TensorProto], param: QuantizedTensor, ndim: int) -> NDArray[np.float64]:
@@ -385,7 +424,7 @@ def parameter_value(inits: dict[str, onnx.TensorProto], param: Parameter) -> NDA
     """The float value of a parameter, dequantized when it is quantized."""
     if isinstance(param, FloatTensor):
         return numpy_helper.to_array(inits[param.initializer]).astype(np.float64)
-    q = numpy_helper.to_array(inits[param.quantized]).astype(np.float64)
+    q = stored_integers(inits, param).astype(np.float64)
     scale = parameter_scale(inits, param)
     zero = (
         numpy_helper.to_array(inits[param.zero_point]).astype(np.float64) if param.zero_point else np.zeros_like(scale)
@@ -407,10 +446,11 @@ def describe_parameter(model: onnx.ModelProto, param: Parameter) -> str:
     if isinstance(param, FloatTensor):
         return "float"
     inits = initializers(model)
-    dtype = onnx.helper.tensor_dtype_to_np_dtype(inits[param.quantized].data_type)
+    dtype = integer_dtype(inits, param)
     n_scales = int(np.prod(inits[param.scale].dims))
     granularity = f"per-channel (axis {param.axis})" if n_scales > 1 else "per-tensor"
-    return f"{np.dtype(dtype).name} {granularity}"
+    at_run_time = ", quantized at run time" if param.quantize_node else ""
+    return f"{np.dtype(dtype).name} {granularity}{at_run_time}"
 
 
 def channel_view(values: NDArray, ndim: int, axis: int) -> NDArray:

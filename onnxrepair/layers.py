@@ -91,6 +91,10 @@ class QuantizedTensor:
             initializer (the DequantizeLinear, or the integer operator).
         scale_factor: an initializer the scale is multiplied by, or None: the
             int32 bias of QGemm / QLinearConv has scale scale_x * scale_W.
+        quantize_node: set when `quantized` is a float initializer that this
+            QuantizeLinear quantizes at run time with the same scale and zero
+            point (AIMET-ONNX's default export): the integers are
+            round(w / scale) + zero_point, and a repair writes s * (q - zp) back.
     """
 
     quantized: str
@@ -99,6 +103,7 @@ class QuantizedTensor:
     axis: int
     dequantize_node: str
     scale_factor: str | None = None
+    quantize_node: str | None = None
 
 
 @dataclass(frozen=True)
@@ -573,7 +578,10 @@ class _GraphIndex:
         if bias and node is not None and node.op_type == "Reshape" and node.input[0] in self.inits:
             # a bias reshaped to [1, out, 1, 1] for a Conv's Add (quantize_dynamic): the values are the initializer's
             return FloatTensor(node.input[0]) if _is_float(self.inits[node.input[0]]) else None
-        if node is None or node.op_type not in DEQUANTIZE_OPS or node.input[0] not in self.inits:
+        if node is None or node.op_type not in DEQUANTIZE_OPS:
+            return None
+        quantizer = self._runtime_quantizer(node)
+        if node.input[0] not in self.inits and quantizer is None:
             return None
         attrs = _attributes(node)
         if attrs.get("block_size", 0):
@@ -581,12 +589,31 @@ class _GraphIndex:
                 f"its weights come from '{node.name}', which uses blocked quantization "
                 f"(block_size={attrs['block_size']}), which onnxrepair does not rewrite yet"
             )
-        quantized = self.inits[node.input[0]]
+        stored = node.input[0] if quantizer is None else quantizer.input[0]
         axis = int(attrs.get("axis", 1))
         if axis < 0:
-            axis += len(quantized.dims)
+            axis += len(self.inits[stored].dims)
         zero_point = node.input[2] if len(node.input) > 2 and node.input[2] else None
-        return QuantizedTensor(node.input[0], node.input[1], zero_point, axis, node.name)
+        return QuantizedTensor(
+            stored,
+            node.input[1],
+            zero_point,
+            axis,
+            node.name,
+            quantize_node=None if quantizer is None else quantizer.name,
+        )
+
+    def _runtime_quantizer(self, dequantize: onnx.NodeProto) -> onnx.NodeProto | None:
+        """The QuantizeLinear that quantizes a float initializer into this DequantizeLinear at run time, with
+        the same scale and zero point (so the pair only rounds the float weights); None otherwise."""
+        node = self.producer.get(dequantize.input[0])
+        if node is None or node.op_type not in QUANTIZE_OPS or node.input[0] not in self.inits:
+            return None
+        if not _is_float(self.inits[node.input[0]]) or list(node.input[1:3]) != list(dequantize.input[1:3]):
+            return None
+        if _attributes(node).get("axis", 1) != _attributes(dequantize).get("axis", 1) or not node.name:
+            return None
+        return node
 
     def shape(self, param: Parameter) -> tuple[int, ...]:
         name = param.initializer if isinstance(param, FloatTensor) else param.quantized

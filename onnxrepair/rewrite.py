@@ -43,6 +43,8 @@ from onnxrepair.graph import (
     initializers,
     integer_bounds,
     parameter_scale,
+    stored_integers,
+    stored_tensor,
 )
 
 
@@ -91,8 +93,7 @@ def apply_deltas(
     repaired = copy.deepcopy(quant_model)
     inits = initializers(repaired)
     _check_unshared(repaired, weight, layer)
-    tensor = inits[weight.quantized]
-    stored = numpy_helper.to_array(tensor)
+    stored = stored_integers(inits, weight)
     q = as_matrix(stored)
     scale_full, zero_full = _scale_and_zero(inits, weight, q)
     bound_low, bound_high = integer_bounds(q, zero_full)  # the type's range, and the one the quantizer used
@@ -108,7 +109,7 @@ def apply_deltas(
         clamped[neuron] = int(np.count_nonzero(fitted != wanted))
         largest_step[neuron] = float(np.max(np.abs(delta) / scale_full[where], initial=0.0))
         q_new[where] = fitted
-    tensor.CopyFrom(numpy_helper.from_array(q_new.reshape(stored.shape).astype(q.dtype), weight.quantized))
+    inits[weight.quantized].CopyFrom(stored_tensor(inits, weight, q_new.reshape(stored.shape).astype(q.dtype)))
 
     bias_changed: list[int] = []
     reencoded = False
@@ -215,7 +216,7 @@ def _scale_and_zero(
 
 def _check_unshared(model: onnx.ModelProto, param: QuantizedTensor, layer: Layer) -> None:
     users = [n for n in model.graph.node if param.quantized in n.input]
-    if len(users) != 1 or users[0].name != param.dequantize_node:
+    if len(users) != 1 or users[0].name != (param.quantize_node or param.dequantize_node):
         raise UnsupportedModelError(
             f"initializer '{param.quantized}' of layer '{layer.name}' is used by "
             f"{[n.name or n.op_type for n in users]}; patching it would change those nodes too"

@@ -32,6 +32,7 @@ import onnx
 from numpy.typing import NDArray
 from onnx import numpy_helper
 
+from onnxrepair.errors import UnsupportedModelError
 from onnxrepair.graph import Layer, initializers, input_spec
 from onnxrepair.runtime import make_session
 
@@ -40,6 +41,18 @@ from onnxrepair.runtime import make_session
 MAX_KEPT_BYTES = 3 * 2**30
 
 Kept = dict[str, NDArray]
+_KEPT_TYPES = {
+    onnx.TensorProto.FLOAT,
+    onnx.TensorProto.FLOAT16,
+    onnx.TensorProto.DOUBLE,
+    onnx.TensorProto.UINT8,
+    onnx.TensorProto.INT8,
+    onnx.TensorProto.UINT16,
+    onnx.TensorProto.INT16,
+    onnx.TensorProto.INT32,
+    onnx.TensorProto.INT64,
+    onnx.TensorProto.BOOL,
+}
 
 
 @dataclass(frozen=True)
@@ -92,7 +105,7 @@ class Segments:
         MAX_KEPT_BYTES.
         """
         nodes = list(model.graph.node)
-        order = _deferred_order(nodes)
+        order = _deferred_order(nodes, input_spec(model).name)
         position = {index: at for at, index in enumerate(order)}
         by_name = {node.name: i for i, node in enumerate(nodes) if node.name}
         producer = {out: i for i, node in enumerate(nodes) for out in node.output}
@@ -121,7 +134,9 @@ class Segments:
             plan.skips.append(skip)
         for cut in plan.cuts:
             crossing = plan.crossing(model, cut)
-            if any(name not in types for name in crossing) or plan.kept_bytes(crossing) * images > MAX_KEPT_BYTES:
+            if any(name not in types or types[name].type.tensor_type.elem_type not in _KEPT_TYPES for name in crossing):
+                return None  # no type known, or one numpy cannot hold (ONNX Runtime returns no int4 array)
+            if plan.kept_bytes(crossing) * images > MAX_KEPT_BYTES:
                 return None
         return plan
 
@@ -203,7 +218,12 @@ def _run(
     count = len(next(iter(kept.values())))
     for begin in range(0, count, batch_size):
         feed = {name: np.ascontiguousarray(kept[name][begin : begin + batch_size]) for name in names}
-        yield dict(zip(outputs, session.run(list(outputs), feed), strict=True)) if outputs else {}
+        try:
+            values = session.run(list(outputs), feed) if outputs else []
+        except Exception as exc:  # ORT raises its own Fail/InvalidArgument/RuntimeError types
+            message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise UnsupportedModelError(f"ONNX Runtime failed to run a segment of QUANT: {message}") from exc
+        yield dict(zip(outputs, values, strict=True))
 
 
 def _feeds(node: onnx.NodeProto, consumer: onnx.NodeProto) -> bool:
@@ -258,20 +278,30 @@ def _dequantized(tensor: str, scale: str, zero: str | None, inits: dict[str, onn
     return LayerInput(tensor, float(scale_value.reshape(-1)[0]), zero_value)
 
 
-def _deferred_order(nodes: list[onnx.NodeProto]) -> list[int]:
+def _deferred_order(nodes: list[onnx.NodeProto], graph_input: str) -> list[int]:
     """Node indices in a run order that keeps 8-bit tensors at the cuts (still topological).
 
-    Every DequantizeLinear moves to just before its first consumer, and every QuantizeLinear to just after
-    what it quantizes: between two layers the float tensors then live as briefly as possible.
+    Every DequantizeLinear, and every node of constants only (a weight's QuantizeLinear), moves to just
+    before its first consumer, and every other QuantizeLinear to just after what it quantizes: between two
+    layers the float tensors then live as briefly as possible, and constants never cross a cut.
     """
+    outputs = {out for node in nodes for out in node.output}
+    constant = {name for node in nodes for name in node.input} - outputs - {graph_input}  # the initializers
+    deferred: set[int] = set()
+    for i, node in enumerate(nodes):  # nodes of constants only (a weight's Q and DQ) and every DequantizeLinear
+        if node.op_type == "DequantizeLinear" or all(not name or name in constant for name in node.input):
+            deferred.add(i)
+            if all(not name or name in constant for name in node.input):
+                constant.update(node.output)
     waiting: dict[str, list[int]] = {}
     quantizers: dict[str, list[int]] = {}
     for i, node in enumerate(nodes):
-        if node.op_type == "DequantizeLinear":
-            waiting.setdefault(node.output[0], []).append(i)
+        if i in deferred:
+            for out in node.output:
+                waiting.setdefault(out, []).append(i)
         elif node.op_type == "QuantizeLinear":
             quantizers.setdefault(node.input[0], []).append(i)
-    produced = {name for node in nodes for name in node.input} - {out for node in nodes for out in node.output}
+    produced = {name for node in nodes for name in node.input} - outputs
     order: list[int] = []
     placed: set[int] = set()
 
@@ -279,8 +309,8 @@ def _deferred_order(nodes: list[onnx.NodeProto]) -> list[int]:
         if i in placed:
             return
         for name in nodes[i].input:
-            for dq in waiting.pop(name, []):
-                place(dq)
+            for before in waiting.pop(name, []):
+                place(before)
         placed.add(i)
         order.append(i)
         produced.update(nodes[i].output)
@@ -289,8 +319,8 @@ def _deferred_order(nodes: list[onnx.NodeProto]) -> list[int]:
                 if all(not inp or inp in produced for inp in nodes[q].input):
                     place(q)
 
-    for i, node in enumerate(nodes):
-        if node.op_type != "DequantizeLinear":
+    for i in range(len(nodes)):
+        if i not in deferred:
             place(i)
     for name in list(waiting):  # dequantized outputs nothing reads inside the graph
         for dq in waiting.pop(name):
