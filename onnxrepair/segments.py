@@ -105,7 +105,7 @@ class Segments:
         MAX_KEPT_BYTES.
         """
         nodes = list(model.graph.node)
-        order = _deferred_order(nodes, input_spec(model).name)
+        order, deferred, constant = _deferred_order(nodes, input_spec(model).name)
         position = {index: at for at, index in enumerate(order)}
         by_name = {node.name: i for i, node in enumerate(nodes) if node.name}
         producer = {out: i for i, node in enumerate(nodes) for out in node.output}
@@ -115,12 +115,11 @@ class Segments:
         for layer, skip_tensor in zip(layers, [*skips, *[None] * (len(layers) - len(skips))], strict=True):
             if layer.name not in by_name:
                 return None
-            node = nodes[by_name[layer.name]]
+            group = [nodes[by_name[layer.name]]]  # the layer and what dequantizes (or quantizes) its inputs
             cut = position[by_name[layer.name]]
-            while (
-                cut > 0 and nodes[order[cut - 1]].op_type == "DequantizeLinear" and _feeds(nodes[order[cut - 1]], node)
-            ):
+            while cut > 0 and order[cut - 1] in deferred and any(_feeds(nodes[order[cut - 1]], n) for n in group):
                 cut -= 1
+                group.append(nodes[order[cut]])
             source = _layer_input(layer, nodes, producer, position, inits, cut)
             skip = None
             if skip_tensor is not None:
@@ -136,6 +135,8 @@ class Segments:
             crossing = plan.crossing(model, cut)
             if any(name not in types or types[name].type.tensor_type.elem_type not in _KEPT_TYPES for name in crossing):
                 return None  # no type known, or one numpy cannot hold (ONNX Runtime returns no int4 array)
+            if constant & set(crossing):
+                return None  # kept tensors are per image; a constant crossing would be cut into images
             if plan.kept_bytes(crossing) * images > MAX_KEPT_BYTES:
                 return None
         return plan
@@ -278,8 +279,9 @@ def _dequantized(tensor: str, scale: str, zero: str | None, inits: dict[str, onn
     return LayerInput(tensor, float(scale_value.reshape(-1)[0]), zero_value)
 
 
-def _deferred_order(nodes: list[onnx.NodeProto], graph_input: str) -> list[int]:
-    """Node indices in a run order that keeps 8-bit tensors at the cuts (still topological).
+def _deferred_order(nodes: list[onnx.NodeProto], graph_input: str) -> tuple[list[int], set[int], set[str]]:
+    """Node indices in a run order that keeps 8-bit tensors at the cuts (still topological), the deferred
+    ones, and the tensors computed from initializers alone.
 
     Every DequantizeLinear, and every node of constants only (a weight's QuantizeLinear), moves to just
     before its first consumer, and every other QuantizeLinear to just after what it quantizes: between two
@@ -325,7 +327,7 @@ def _deferred_order(nodes: list[onnx.NodeProto], graph_input: str) -> list[int]:
     for name in list(waiting):  # dequantized outputs nothing reads inside the graph
         for dq in waiting.pop(name):
             place(dq)
-    return order
+    return order, deferred, constant
 
 
 # Which input's type an operator's output takes, for the quantized operators shape inference does not know
