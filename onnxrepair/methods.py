@@ -26,7 +26,7 @@ from numpy.typing import NDArray
 from onnxrepair.activity import LayerActivity
 from onnxrepair.config import WHOLE_LAYER_ENCODINGS, Encoding, Metric, SolveConfig
 from onnxrepair.errors import UnsupportedModelError
-from onnxrepair.graph import Layer, LayerGrid, LayerPair, layer_grid, layer_parameters
+from onnxrepair.graph import Layer, LayerGrid, LayerPair, find_layers, layer_grid, layer_parameters
 from onnxrepair.localize import rank_neurons, suspiciousness
 from onnxrepair.parallel import Executor, SerialExecutor
 from onnxrepair.progress import NoProgress, Progress
@@ -201,7 +201,10 @@ def _sqnr_change(
     if not changed:
         return before, before
     old_w, old_b = layer_parameters(quant_model, layer)
-    new_w, new_b = layer_parameters(repaired, layer)
+    # read again from the repaired model: a re-encoded bias has a new scale under a new name
+    new_w, new_b = layer_parameters(
+        repaired, next(found for found in find_layers(repaired) if found.name == layer.name)
+    )
     moved = grouped_linear(activity.quant_inputs[sample], new_w - old_w, new_b - old_b, layer.groups)
     return before, sqnr_db(float_out, np.clip(quant_pre + moved, low, high))
 

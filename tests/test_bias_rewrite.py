@@ -332,3 +332,25 @@ def test_an_old_scale_another_node_reads_is_kept(matmul_models: dict[str, tuple[
     assert stats.bias_reencoded
     assert bias.scale in {t.name for t in repaired.graph.initializer}
     assert bias.zero_point not in {t.name for t in repaired.graph.initializer}
+
+
+def test_bias_correction_that_reencodes_reports_its_sqnr(
+    matmul_models: dict[str, tuple[onnx.ModelProto, np.ndarray]],
+) -> None:
+    """The layer is read again from the repaired model: its bias has a new scale under a new name."""
+    import dataclasses
+
+    from onnxrepair.activity import read_layer_activity
+    from onnxrepair.config import Encoding, SolveConfig
+    from onnxrepair.methods import Method, repair_layer
+
+    quant, x = matmul_models["uint8"]
+    pair = pair_layer(quant, quant, None)
+    activity = read_layer_activity(quant, quant, pair, x, 16)
+    _, b = layer_parameters(quant, pair.quant_layer)
+    shifted = dataclasses.replace(activity, float_pre=activity.float_pre + np.float32(5 * (b.max() - b.min())))
+    method = Method(Encoding.BIAS_CORRECTION)
+    repaired, outcome = repair_layer(quant, pair, shifted, method, SolveConfig(encoding=Encoding.BIAS_CORRECTION))
+    assert outcome.rewrite.bias_reencoded
+    assert outcome.sqnr_before is not None and outcome.sqnr_after is not None
+    assert outcome.sqnr_after > outcome.sqnr_before + 10  # the shift is what bias correction removes
