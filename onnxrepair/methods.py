@@ -40,6 +40,7 @@ from onnxrepair.solve import (
     NeuronProblem,
     NeuronSolution,
     SolveStatus,
+    logit_program_bytes,
     solve_fit,
     solve_logit,
     solve_neuron,
@@ -379,6 +380,13 @@ def _solve(
         inputs = activity.quant_inputs.astype(np.float64)
         grids: list[NeuronGrid | None] = [_neuron_grid(grid, j) for j in selected]
         joint = LogitProblem(selected, weights, bias, inputs, targets, grids)
+        size = logit_program_bytes(joint)
+        if size > MAX_LOGIT_PROGRAM_BYTES:
+            raise UnsupportedModelError(
+                f"--encoding logit over {len(selected)} of the {weights.shape[0]} classes of "
+                f"'{pair.float_layer.name}' with {len(inputs)} repair inputs would be a {size / 2**30:.1f} GB program; "
+                "select fewer neurons (--neurons) or use another encoding"
+            )
         with progress.task("solving (joint)", 1) as advance:
             solutions = solve_logit(joint, _within(config, deadline))
             advance(1)
@@ -410,6 +418,9 @@ def _map_solves(
 
 
 _FAN_OUT_MIN_INPUTS = 100_000  # repair inputs x layer inputs
+# The joint class-score program is a dense matrix (one row per input and competing class): on an ImageNet
+# head it would take terabytes (issue 14: the search was killed for memory). Larger ones are refused.
+MAX_LOGIT_PROGRAM_BYTES = 2**30
 
 
 def layer_problems(

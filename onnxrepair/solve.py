@@ -534,6 +534,16 @@ def logit_program(
     return program, blocks
 
 
+def logit_program_bytes(problem: LogitProblem) -> int:
+    """The memory the joint class-score program's dense matrix takes (`logit_program`), to refuse it before."""
+    n, m = problem.inputs.shape
+    classes = problem.weights.shape[0]
+    selected = set(problem.neurons)
+    rows = sum(classes - 1 if int(t) in selected else len(selected) for t in problem.targets)
+    columns = 2 * len(selected) * (m + 1) + n
+    return 8 * rows * columns
+
+
 def solve_logit(problem: LogitProblem, config: SolveConfig) -> list[NeuronSolution]:
     """Solve the joint class-score program; one NeuronSolution per selected class (sharing status and time)."""
     start = time.perf_counter()

@@ -375,3 +375,29 @@ def test_a_better_model_is_not_called_worse(digits: DigitsExample, tmp_path: Pat
     assert run.code == 0
     assert run.report["worse_than_quant"] is False
     assert "worse than the quantized" not in run.out
+
+
+def test_a_joint_program_too_large_is_refused_and_the_search_goes_on(
+    models,
+    digits_sets,
+    monkeypatch: pytest.MonkeyPatch,  # type: ignore[no-untyped-def]
+) -> None:
+    """Issue 14: on an ImageNet head the logit program would take terabytes; the search was killed for memory."""
+    import onnxrepair.methods as methods
+    from onnxrepair.errors import UnsupportedModelError
+    from onnxrepair.methods import Method, repair_layer
+
+    float_model, quant_model = models
+    repair_set, val_set = digits_sets
+    monkeypatch.setattr(methods, "MAX_LOGIT_PROGRAM_BYTES", 10_000)
+    pair = pair_layer(float_model, quant_model, "/fc2/Gemm")
+    activity = read_layer_activity(float_model, quant_model, pair, repair_set.x, 256)
+    with pytest.raises(UnsupportedModelError, match="GB program"):
+        repair_layer(
+            quant_model, pair, activity, Method(Encoding.LOGIT, neurons=10), SolveConfig(encoding=Encoding.LOGIT)
+        )
+    config = RepairConfig(search=SearchConfig(budget=60, neuron_counts=(5,), confirm_folds=0))
+    result = repair(float_model, quant_model, repair_set, val_set, config)
+    logit = [t for t in result.trials if t.method.startswith("logit")]
+    assert logit and all(t.score is None and "GB program" in t.note for t in logit)
+    assert len(result.trials) > len(logit) + 1, result.trials  # the other candidates were tried

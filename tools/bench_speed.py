@@ -34,6 +34,7 @@ Three parts, all on the same machine in one run:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import subprocess
 import sys
@@ -56,64 +57,18 @@ END = "<!-- end of tools/bench_speed.py section -->"
 
 @dataclass
 class FixRun:
-    neurons: str
+    label: str  # N for the head runs, the QUANT file for whole-network runs
     wall_seconds: float
     exit_code: int
     report: dict[str, Any] | None
     error: str = ""
 
 
-def run_fix(cache: Path, neurons: str, args: argparse.Namespace) -> FixRun:
-    """One `onnxrepair fix` subprocess on the head; returns its report."""
+def run_cli_fix(cache: Path, quant: str, tag: str, options: list[str], args: argparse.Namespace) -> FixRun:
+    """One `onnxrepair fix FLOAT QUANT repair.npy --val val.npy OPTIONS` subprocess; returns its report."""
     out_dir = cache / "speed"
     out_dir.mkdir(parents=True, exist_ok=True)
-    report = out_dir / f"n{neurons}.json"
-    report.unlink(missing_ok=True)
-    count = "100000" if neurons == "all" else neurons  # more than the layer has: every neuron
-    cmd = [
-        *fix_command(),
-        "fix",
-        str(cache / "float.onnx"),
-        str(cache / "quant.onnx"),
-        str(cache / "repair.npy"),
-        "--val",
-        str(cache / "val.npy"),
-        "-o",
-        str(out_dir / f"n{neurons}.onnx"),
-        "--report",
-        str(report),
-        "--force",
-        "-q",
-        "--neurons",
-        count,
-        "--jobs",
-        str(args.jobs),
-        *args.fix_args.split(),
-    ]
-    print("$", " ".join(cmd), file=sys.stderr, flush=True)
-    started = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-    wall = time.perf_counter() - started
-    loaded = json.loads(report.read_text()) if report.exists() else None
-    error = "" if proc.returncode == 0 else (proc.stderr.strip().splitlines() or ["?"])[-1]
-    return FixRun(neurons, wall, proc.returncode, loaded, error)
-
-
-@dataclass
-class WholeRun:
-    quant: str
-    wall_seconds: float
-    exit_code: int
-    report: dict[str, Any] | None
-    error: str = ""
-
-
-def run_whole(cache: Path, quant: str, args: argparse.Namespace) -> WholeRun:
-    """One `onnxrepair fix --layers all` subprocess on `quant`; returns its report."""
-    out_dir = cache / "speed"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stem = Path(quant).stem
-    report = out_dir / f"whole-{stem}.json"
+    report = out_dir / f"{tag}.json"
     report.unlink(missing_ok=True)
     cmd = [
         *fix_command(),
@@ -123,14 +78,13 @@ def run_whole(cache: Path, quant: str, args: argparse.Namespace) -> WholeRun:
         str(cache / "repair.npy"),
         "--val",
         str(cache / "val.npy"),
-        "--layers",
-        "all",
         "-o",
-        str(out_dir / f"whole-{stem}.onnx"),
+        str(out_dir / f"{tag}.onnx"),
         "--report",
         str(report),
         "--force",
         "-q",
+        *options,
         "--jobs",
         str(args.jobs),
         *args.fix_args.split(),
@@ -141,10 +95,24 @@ def run_whole(cache: Path, quant: str, args: argparse.Namespace) -> WholeRun:
     wall = time.perf_counter() - started
     loaded = json.loads(report.read_text()) if report.exists() else None
     error = "" if proc.returncode in (0, 1) else (proc.stderr.strip().splitlines() or ["?"])[-1]
-    return WholeRun(quant, wall, proc.returncode, loaded, error)
+    return FixRun(tag, wall, proc.returncode, loaded, error)
 
 
-def whole_markdown(runs: list[WholeRun], args: argparse.Namespace) -> list[str]:
+def run_fix(cache: Path, neurons: str, args: argparse.Namespace) -> FixRun:
+    """The head with N neurons (every one for "all"), default encoding."""
+    count = "100000" if neurons == "all" else neurons  # more than the layer has: every neuron
+    return dataclasses.replace(
+        run_cli_fix(cache, "quant.onnx", f"n{neurons}", ["--neurons", count], args), label=neurons
+    )
+
+
+def run_whole(cache: Path, quant: str, args: argparse.Namespace) -> FixRun:
+    """Every layer of `quant` (`--layers all`, its defaults)."""
+    run = run_cli_fix(cache, quant, f"whole-{Path(quant).stem}", ["--layers", "all"], args)
+    return dataclasses.replace(run, label=quant)
+
+
+def whole_markdown(runs: list[FixRun], args: argparse.Namespace) -> list[str]:
     lines = [
         "### Whole network (`--layers all`)",
         "",
@@ -159,14 +127,14 @@ def whole_markdown(runs: list[WholeRun], args: argparse.Namespace) -> list[str]:
     for run in runs:
         rep = run.report
         if rep is None or run.exit_code not in (0, 1):
-            lines.append(f"| `{run.quant}` | {run.wall_seconds:.1f} | error: {run.error} ||||||||")
+            lines.append(f"| `{run.label}` | {run.wall_seconds:.1f} | error: {run.error} ||||||||")
             continue
         guard = rep.get("guard") or {}
         steps = guard.get("layers") or []
         channels = sum(int(lay.get("channels_changed") or 0) for lay in rep.get("layers") or [])
         before, after = guard.get("holdout_before") or {}, guard.get("holdout_after") or {}
         lines.append(
-            f"| `{run.quant}` | {run.wall_seconds:.1f} | {fmt(rep.get('inference_seconds'), 1)} | "
+            f"| `{run.label}` | {run.wall_seconds:.1f} | {fmt(rep.get('inference_seconds'), 1)} | "
             f"{fmt(rep.get('solve_seconds'), 1)} | {fmt(rep.get('peak_memory_mb'), 0)} | "
             f"{sum(bool(s.get('kept')) for s in steps)} / {len(steps)} | {channels} | "
             f"{pct(before.get('agreement'))} -> {pct(after.get('agreement'))} | "
@@ -307,12 +275,12 @@ def markdown(runs: list[FixRun], comparisons: list[Comparison], args: argparse.N
     for run in runs:
         rep = run.report
         if rep is None or run.exit_code not in (0, 1):
-            lines.append(f"| {run.neurons} | {run.wall_seconds:.1f} | error: {run.error} |||||||||")
+            lines.append(f"| {run.label} | {run.wall_seconds:.1f} | error: {run.error} |||||||||")
             continue
         unsolved = rep.get("unsolved") or []
         reasons = sorted({n.get("reason") for lay in rep["layers"] for n in lay["per_neuron"] if n.get("reason")})
         lines.append(
-            f"| {run.neurons} | {run.wall_seconds:.1f} | {fmt(rep.get('inference_seconds'), 1)} | "
+            f"| {run.label} | {run.wall_seconds:.1f} | {fmt(rep.get('inference_seconds'), 1)} | "
             f"{fmt(rep.get('solve_seconds'), 1)} | {fmt(rep.get('solve_seconds_median'), 3)} | "
             f"{fmt(rep.get('solve_seconds_p90'), 3)} | {fmt(rep.get('solve_seconds_max'), 3)} | "
             f"{len(unsolved)}{' (' + '; '.join(reasons) + ')' if reasons else ''} | "
