@@ -265,28 +265,33 @@ def kept_activity(
     pre-activation is computed from the rows and the stored weights: the linear map QUANT applies.
     """
     per_image = positions_within(layer, images, positions_per_image)
-    parts: dict[str, list[NDArray]] = {"quant_inputs": [], "row_image": [], "skip": []}
+    rows = row_image = None
+    target = float_rows.copy() if read_skip is not None else float_rows
+    filled = 0
     for start in range(0, images, batch_size):
         stop = min(start + batch_size, images)
         x = read_input(start, stop)
         if layer.conv is None:
-            flat = x.reshape(len(x), -1)
-            _check_width(flat, layer, "QUANT", side="input")
+            batch = x.reshape(len(x), -1)
+            _check_width(batch, layer, "QUANT", side="input")
             image, position = np.arange(len(x)), None
-            parts["quant_inputs"].append(flat)
         else:
             out_height, out_width = layer.conv.output_size(*x.shape[2:])
             image, position = sample_positions(start + np.arange(len(x)), out_height * out_width, per_image, seed)
-            parts["quant_inputs"].append(patch_rows(x, layer.conv, image, position))
-        parts["row_image"].append(start + image)
+            batch = patch_rows(x, layer.conv, image, position)
+        if rows is None or row_image is None:  # every image gives as many rows: allocate once, fill in place
+            total = len(batch) // len(x) * images
+            if total != len(float_rows):
+                raise ValueError(f"{total} rows of QUANT's layer '{layer.name}' but {len(float_rows)} of FLOAT's")
+            rows, row_image = np.empty((total, batch.shape[1]), np.float32), np.empty(total, np.int64)
+        rows[filled : filled + len(batch)] = batch
+        row_image[filled : filled + len(batch)] = start + image
         if read_skip is not None:
-            parts["skip"].append(_at(layer, read_skip(start, stop), image, position))
-    rows = np.concatenate(parts["quant_inputs"])
-    if len(rows) != len(float_rows):
-        raise ValueError(f"{len(rows)} rows of QUANT's layer '{layer.name}' but {len(float_rows)} of FLOAT's")
-    target = float_rows - np.concatenate(parts["skip"]) if read_skip is not None else float_rows
+            target[filled : filled + len(batch)] -= _at(layer, read_skip(start, stop), image, position)
+        filled += len(batch)
+    assert rows is not None and row_image is not None
     quant_pre = grouped_linear(rows, weights, bias, layer.groups).astype(np.float32)
-    return LayerActivity(None, None, target, quant_pre, rows, np.concatenate(parts["row_image"]))
+    return LayerActivity(None, None, target, quant_pre, rows, row_image)
 
 
 class FloatTargets:

@@ -29,7 +29,7 @@ from numpy.typing import NDArray
 # Ridge strength relative to the mean diagonal of A^T A: measured in docs/BENCHMARKS.md
 # ("Reconstruction ridge"); it mostly matters where rows are few against the fan-in.
 DEFAULT_RIDGE = 0.1
-_CHUNK_ROWS = 8192
+_CHUNK_BYTES = 64 * 2**20  # rows converted to float64 at a time
 _SWEEPS = 8  # coordinate sweeps over a channel's weights after rounding (most settle in 2-4)
 
 
@@ -91,24 +91,33 @@ class GramStatistics:
     rows: int
 
 
-def gram_statistics(rows: NDArray[np.float32], target: NDArray[np.float32], groups: int) -> GramStatistics:
-    """Accumulate the statistics of `rows` against `target`, in chunks (float64)."""
+def gram_statistics(
+    rows: NDArray[np.float32], target: NDArray[np.float32], groups: int, mask: NDArray[np.bool_] | None = None
+) -> GramStatistics:
+    """Accumulate the statistics of `rows` (those `mask` keeps) against `target`, in chunks of at most
+    _CHUNK_BYTES in float64: a wide layer's rows are never copied whole."""
     r, width = rows.shape
     out = target.shape[1]
     n_in, per_group = width // groups, out // groups
     gram = np.zeros((groups, n_in + 1, n_in + 1))
     cross = np.zeros((groups, n_in + 1, per_group))
     squares = np.zeros(out)
-    for start in range(0, r, _CHUNK_ROWS):
-        a = rows[start : start + _CHUNK_ROWS].astype(np.float64)
-        y = target[start : start + _CHUNK_ROWS].astype(np.float64)
+    chunk = max(64, _CHUNK_BYTES // (8 * (width + groups)))
+    count = 0
+    for start in range(0, r, chunk):
+        keep = slice(None) if mask is None else mask[start : start + chunk]
+        a = rows[start : start + chunk][keep].astype(np.float64)
+        y = target[start : start + chunk][keep].astype(np.float64)
         k = len(a)
+        count += k
+        if k == 0:
+            continue
         a = np.concatenate([a.reshape(k, groups, n_in), np.ones((k, groups, 1))], axis=2).transpose(1, 0, 2)
         y_grouped = y.reshape(k, groups, per_group).transpose(1, 0, 2)  # [groups, k, per_group]
         gram += a.transpose(0, 2, 1) @ a
         cross += a.transpose(0, 2, 1) @ y_grouped
         squares += np.einsum("kj,kj->j", y, y)
-    return GramStatistics(gram, cross, squares, r)
+    return GramStatistics(gram, cross, squares, count)
 
 
 def squared_errors(
@@ -124,8 +133,8 @@ def squared_errors(
 def reconstruct(problem: ReconstructionProblem, ridge: float = DEFAULT_RIDGE) -> Reconstruction:
     """Fit every channel on the rows not held out, round, refit the bias, keep what lowers the held-out error."""
     groups = problem.groups
-    fit = gram_statistics(problem.rows[~problem.holdout], problem.target[~problem.holdout], groups)
-    check = gram_statistics(problem.rows[problem.holdout], problem.target[problem.holdout], groups)
+    fit = gram_statistics(problem.rows, problem.target, groups, ~problem.holdout)
+    check = gram_statistics(problem.rows, problem.target, groups, problem.holdout)
     out, n_in = problem.weights.shape
     has_bias = problem.bias_step is not None
     p = n_in + 1

@@ -85,6 +85,14 @@ def grouped_linear(
     """rows [r, groups * n_in] through weights [out, n_in]: [r, out]; channel j reads group j // (out / groups)."""
     r = len(rows)
     out, n_in = weights.shape
-    per_group = rows.reshape(r, groups, n_in).astype(np.float64).transpose(1, 0, 2)  # [groups, r, n_in]
     grouped = weights.reshape(groups, out // groups, n_in).transpose(0, 2, 1)  # [groups, n_in, out / groups]
-    return (per_group @ grouped).transpose(1, 0, 2).reshape(r, out) + bias
+    result = np.empty((r, out))
+    chunk = max(64, _CHUNK_BYTES // (8 * max(rows.shape[1], out)))  # float64 copies stay small
+    for start in range(0, r, chunk):
+        part = rows[start : start + chunk]
+        per_group = part.reshape(len(part), groups, n_in).astype(np.float64).transpose(1, 0, 2)  # [groups, k, n_in]
+        result[start : start + chunk] = (per_group @ grouped).transpose(1, 0, 2).reshape(len(part), out)
+    return result + bias
+
+
+_CHUNK_BYTES = 64 * 2**20
