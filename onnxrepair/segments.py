@@ -195,11 +195,15 @@ class Segments:
         segment = self.segment(model, start, end, [*crossing_end, *extra])
         produced = {o.name for o in segment.graph.output}
         wanted = [name for name in dict.fromkeys([*crossing_end, *extra]) if name in produced]
-        parts: dict[str, list[NDArray]] = {name: [] for name in wanted}
+        count = len(next(iter(kept.values())))
+        computed: dict[str, NDArray] = {}
+        filled = 0
         for values in _run(segment, kept, wanted, batch_size, providers):
-            for name in wanted:
-                parts[name].append(values[name])
-        computed = {name: np.concatenate(chunks) for name, chunks in parts.items()}
+            for name in wanted:  # one array per tensor, sized by the first batch: never a second copy
+                if name not in computed:
+                    computed[name] = np.empty((count, *values[name].shape[1:]), values[name].dtype)
+                computed[name][filled : filled + len(values[name])] = values[name]
+            filled += len(values[wanted[0]]) if wanted else 0
         following = {name: computed[name] if name in computed else kept[name] for name in crossing_end}
         return following, {name: computed[name] for name in extra if name in computed}
 

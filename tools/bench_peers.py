@@ -482,7 +482,7 @@ def onnxrepair_source() -> tuple[str, str]:
         [sys.executable, "-c", "import onnxrepair, os; print(os.path.dirname(onnxrepair.__file__))"],
         capture_output=True,
         text=True,
-        cwd=ROOT,
+        cwd="/",  # not the checkout: `python -c` puts the working directory first on sys.path
     )
     folder = Path(proc.stdout.strip())
     h = hashlib.sha256()
@@ -532,7 +532,8 @@ def run_repair(kind: str, src: Row, m: ModelDef, d: Data, args, work: Path, sour
         log(f"  {m.name} {src.bits} {row.key}: {shlex.join(cmd[1:])}")
         t0 = time.time()
         try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, cwd=ROOT)
+            # run outside the checkout, so `python -m` (no console script) imports what PYTHONPATH says
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, cwd=work)
             rc, err = proc.returncode, (proc.stderr or proc.stdout)
         except subprocess.TimeoutExpired:
             rc, err = None, f"error: no result after {args.timeout:g} s (killed)"

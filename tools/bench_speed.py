@@ -117,7 +117,7 @@ def whole_markdown(runs: list[FixRun], args: argparse.Namespace) -> list[str]:
         "### Whole network (`--layers all`)",
         "",
         f"Each row is one `onnxrepair fix FLOAT QUANT repair.npy --val val.npy --layers all --jobs {args.jobs}` run "
-        "(defaults otherwise: encoding `reconstruct`, the held-out guard on a quarter of the repair crops); wall "
+        "(defaults otherwise: encoding `reconstruct`, the held-out guard on a tenth of the repair crops); wall "
         "= the subprocess, interpreter start included; peak memory = the report's `peak_memory_mb`.",
         "",
         "| QUANT | wall s | inference s | solve s | peak memory MB | layers kept / repaired | channels changed | "
