@@ -331,6 +331,12 @@ class FloatTargets:
         self._budget = budget_bytes
         self._progress = progress or NoProgress()
         self._window: dict[str, NDArray[np.float32]] = {}
+        # what one image of each tapped output weighs: a pass holds a batch of every tapped output at once
+        shapes = _shapes(float_model)
+        self._output_bytes = {
+            layer.name: 4 * int(np.prod([d or 1 for d in shapes.get(self.target_tensor(layer), (1, 1))[1:]]))
+            for layer in layers
+        }
 
     def rows(self, name: str) -> NDArray[np.float32]:
         """[rows, channels] FLOAT's pre-activation of layer `name` at its rows (reading a window when needed)."""
@@ -341,12 +347,14 @@ class FloatTargets:
         return self._window[name]
 
     def _fitting(self, start: int) -> int:
-        """How many layers from `start` fit the budget (at least one)."""
-        total, count = 0, 0
+        """How many layers from `start` fit the budget (at least one): their rows, and a batch of their outputs
+        (the feature maps ONNX Runtime hands back, before positions are sampled from them)."""
+        rows = outputs = count = 0
         for layer in self._layers[start:]:
             per_image = self._per_image[layer.name] or 1
-            total += len(self._x) * (per_image if layer.conv is not None else 1) * layer.n_out * 4
-            if count and total > self._budget:
+            rows += len(self._x) * (per_image if layer.conv is not None else 1) * layer.n_out * 4
+            outputs += self._batch_size * self._output_bytes[layer.name]
+            if count and (rows > self._budget or outputs > self._budget // 2):
                 break
             count += 1
         return count
@@ -358,21 +366,27 @@ class FloatTargets:
     def _read(self, layers: list[Layer]) -> dict[str, NDArray[np.float32]]:
         outputs = list(dict.fromkeys(self.target_tensor(layer) for layer in layers))
         session = make_session(prefix(self._model, outputs), "FLOAT", self._providers)
-        parts: dict[str, list[NDArray[np.float32]]] = {layer.name: [] for layer in layers}
+        window: dict[str, NDArray[np.float32]] = {}
+        filled = dict.fromkeys((layer.name for layer in layers), 0)
         with self._progress.task(f"reading FLOAT ({len(layers)} layers)", len(self._x)) as advance:
             for start, values in stream_batched(session, self._x, outputs, self._batch_size):
                 n = len(values[outputs[0]])
                 for layer in layers:
                     pre = values[self.target_tensor(layer)]
                     if layer.conv is None:
-                        parts[layer.name].append(pre.reshape(n, -1))
-                        continue
-                    image, position = sample_positions(
-                        start + np.arange(n), pre.shape[2] * pre.shape[3], self._per_image[layer.name], self._seed
-                    )
-                    parts[layer.name].append(output_rows(pre, image, position))
+                        rows = pre.reshape(n, -1)
+                    else:
+                        image, position = sample_positions(
+                            start + np.arange(n), pre.shape[2] * pre.shape[3], self._per_image[layer.name], self._seed
+                        )
+                        rows = output_rows(pre, image, position)
+                    if layer.name not in window:  # every image gives as many rows: one array, filled in place
+                        window[layer.name] = np.empty((len(rows) // n * len(self._x), rows.shape[1]), np.float32)
+                    window[layer.name][filled[layer.name] : filled[layer.name] + len(rows)] = rows
+                    filled[layer.name] += len(rows)
+                del values
                 advance(n)
-        return {name: np.concatenate(chunks) for name, chunks in parts.items()}
+        return window
 
 
 _IMAGE_FIELDS = ("float_scores", "quant_scores")
@@ -457,3 +471,13 @@ def _check_conv_shapes(layer: Layer, quant_input: NDArray[np.float32], pre: NDAr
             f"{role} layer '{layer.name}' ({layer.op}) writes a tensor of shape {list(pre.shape)}, "
             f"expected [N, {', '.join(map(str, expected))}]"
         )
+
+
+def _shapes(model: onnx.ModelProto) -> dict[str, tuple[int | None, ...]]:
+    """Every tensor's shape from ONNX's shape inference (None for an unknown dimension)."""
+    inferred = onnx.shape_inference.infer_shapes(model)
+    shapes = {}
+    for value in (*inferred.graph.value_info, *inferred.graph.output):
+        dims = value.type.tensor_type.shape.dim
+        shapes[value.name] = tuple(d.dim_value if d.HasField("dim_value") else None for d in dims)
+    return shapes
