@@ -359,7 +359,8 @@ def peer_settings(peer: str, bits: str, info: dict | None, m: ModelDef, d: Data,
         imgs = s.get("adaround_images", min(args.adaround_images or m.adaround_images, d.n_calib))
         text += f", AdaRound {it} it/layer on {imgs} images"
     if peer == "aimet-seqmse":
-        text += f", 20 candidates on {s.get('seqmse_images', min(args.adaround_images or m.adaround_images, d.n_calib))} images"
+        images = s.get("seqmse_images", min(args.adaround_images or m.adaround_images, d.n_calib))
+        text += f", 20 candidates on {images} images"
     return text
 
 
@@ -406,7 +407,8 @@ def run_peer(peer, m, bits, d, args, work, avail, ort_pt: Path | None) -> Row:
             if peer.endswith("-ort") and (ort_pt is None or not ort_pt.exists()):
                 row.note = "skipped: needs the ORT per-tensor model (`ort-pt`), which was not built"
                 return row
-            cmd = [str(args.peers_python), str(PEER_SCRIPT), *peer_command(peer, m, bits, d, out, info_path, args, ort_pt)]
+            peer_args = peer_command(peer, m, bits, d, out, info_path, args, ort_pt)
+            cmd = [str(args.peers_python), str(PEER_SCRIPT), *peer_args]
             row.command = cmd
             log(f"  {m.name} {bits} {peer}: {shlex.join(cmd[2:])}")
             info_path.unlink(missing_ok=True)
@@ -797,7 +799,8 @@ def main(argv: list[str] | None = None) -> int:
         for fam in ("nncf", "aimet"):
             mine = [p for p in peers if p.startswith(fam)]
             if mine and avail.get(fam) != "ok":
-                line = f"{fam} is not usable with {args.peers_python} ({avail.get(fam)}): rows {', '.join(mine)} skipped"
+                reason = avail.get(fam)
+                line = f"{fam} is not usable with {args.peers_python} ({reason}): rows {', '.join(mine)} skipped"
                 log(line)
                 skipped.append(line)
                 peers = [p for p in peers if not p.startswith(fam)]

@@ -84,7 +84,7 @@ def input_name(model) -> str:
 
 
 # --------------------------------------------------------------------------- NNCF
-def run_nncf(args, info: dict) -> "onnx.ModelProto":  # noqa: F821
+def run_nncf(args, info: dict) -> onnx.ModelProto:  # noqa: F821
     import onnx
 
     try:
@@ -279,7 +279,7 @@ def reattach(exported, float_model):
     return [n.op_type for n in reversed(extra)]
 
 
-def run_aimet(args, info: dict) -> "onnx.ModelProto":  # noqa: F821
+def run_aimet(args, info: dict) -> onnx.ModelProto:  # noqa: F821
     import onnx
 
     try:
@@ -353,7 +353,8 @@ def run_aimet(args, info: dict) -> "onnx.ModelProto":  # noqa: F821
     if model is not full:
         ops = reattach(q, full)
         info["label_branch"] = (
-            "AIMET quantized the model without its non-float outputs' branch (" + " -> ".join(ops)
+            "AIMET quantized the model without its non-float outputs' branch ("
+            + " -> ".join(ops)
             + ", no weights), which was put back on the exported model"
         )
     info["seconds"]["export"] = time.time() - t3
