@@ -30,9 +30,10 @@ from onnxrepair.graph import (
     tap_layer,
     with_outputs,
 )
+from onnxrepair.parallel import Executor
 from onnxrepair.progress import NoProgress, Progress
 from onnxrepair.rows import grouped_linear, output_rows, patch_rows, sample_positions
-from onnxrepair.runtime import make_session, output_name, stream_batched
+from onnxrepair.runtime import output_name, stream_on
 from onnxrepair.spectrum import failing_mask
 
 # The rows `read_layer_activity` keeps are capped at this many bytes (float32); a convolution
@@ -108,6 +109,7 @@ def layer_row_batches(
     scores: bool = True,
     float_rows: NDArray[np.float32] | None = None,
     skip: str | None = None,
+    executor: Executor | None = None,
 ) -> Iterator[RowBatch]:
     """Run tapped copies of both models over `x` and yield each batch's rows.
 
@@ -133,11 +135,13 @@ def layer_row_batches(
     f_out, q_out = (output_name(float_model), output_name(quant_model)) if scores else (None, None)
     f_names = [f_pre] + ([f_out] if f_out else [])
     q_names = [q_in, q_pre] + ([q_out] if q_out else []) + ([skip] if skip else [])
-    q_session, q_outputs = _tapped_session(q_model, "QUANT", q_names, providers, whole=scores)
-    q_batches = stream_batched(q_session, x, q_outputs, batch_size)
+    q_tapped, q_outputs = _tapped_model(q_model, q_names, whole=scores)
+    q_batches = stream_on(executor, q_tapped, "QUANT", _feed(q_tapped, x), q_outputs, batch_size, providers)
     if float_rows is None:
-        f_session, f_outputs = _tapped_session(f_model, "FLOAT", f_names, providers, whole=scores)
-        f_batches: Iterator[tuple[int, dict[str, NDArray]]] = stream_batched(f_session, x, f_outputs, batch_size)
+        f_tapped, f_outputs = _tapped_model(f_model, f_names, whole=scores)
+        f_batches: Iterator[tuple[int, dict[str, NDArray]]] = stream_on(
+            executor, f_tapped, "FLOAT", _feed(f_tapped, x), f_outputs, batch_size, providers
+        )
     else:
         f_outputs, f_batches = [], ((start, {}) for start in range(0, len(x), batch_size))
     fused_relu = q_layer.output_encoding is not None and clips_negatives(quant_model, q_layer.output_encoding)
@@ -190,6 +194,7 @@ def read_layer_activity(
     scores: bool = True,
     float_rows: NDArray[np.float32] | None = None,
     skip: str | None = None,
+    executor: Executor | None = None,
 ) -> LayerActivity:
     """Every row of `layer_row_batches`, kept (a convolution's positions per image cut to fit MAX_ROW_BYTES).
 
@@ -213,6 +218,7 @@ def read_layer_activity(
         scores=scores,
         float_rows=float_rows,
         skip=skip,
+        executor=executor,
     )
     arrays: dict[str, NDArray] = {}
     rows_filled = images_filled = 0
@@ -323,8 +329,10 @@ class FloatTargets:
         budget_bytes: int = 2**30,
         progress: Progress | None = None,
         residual_sums: bool = False,
+        executor: Executor | None = None,
     ) -> None:
         self._residual_sums = residual_sums
+        self._executor = executor
         self._model, self._layers, self._x = float_model, list(layers), x
         self._batch_size, self._providers, self._seed = batch_size, providers, seed
         self._per_image = {layer.name: positions_within(layer, len(x), positions_per_image) for layer in layers}
@@ -365,11 +373,14 @@ class FloatTargets:
 
     def _read(self, layers: list[Layer]) -> dict[str, NDArray[np.float32]]:
         outputs = list(dict.fromkeys(self.target_tensor(layer) for layer in layers))
-        session = make_session(prefix(self._model, outputs), "FLOAT", self._providers)
+        tapped = prefix(self._model, outputs)
+        batches = stream_on(
+            self._executor, tapped, "FLOAT", _feed(tapped, self._x), outputs, self._batch_size, self._providers
+        )
         window: dict[str, NDArray[np.float32]] = {}
         filled = dict.fromkeys((layer.name for layer in layers), 0)
         with self._progress.task(f"reading FLOAT ({len(layers)} layers)", len(self._x)) as advance:
-            for start, values in stream_batched(session, self._x, outputs, self._batch_size):
+            for start, values in batches:
                 n = len(values[outputs[0]])
                 for layer in layers:
                     pre = values[self.target_tensor(layer)]
@@ -425,17 +436,19 @@ def _at(
     return output_rows(pre, image, position)
 
 
-def _tapped_session(
-    model: onnx.ModelProto, role: str, names: list[str], providers: Sequence[str] | None, whole: bool
-) -> tuple[object, list[str]]:
-    """A session that outputs `names` (the graph input, when asked for, is not run: it is `x`).
+def _tapped_model(model: onnx.ModelProto, names: list[str], whole: bool) -> tuple[onnx.ModelProto, list[str]]:
+    """A model that outputs `names` (the graph input, when asked for, is not run: it is `x`).
 
     `whole`: the whole model with the names added as outputs; else only what computes them (graph.prefix).
     """
     input_name = input_spec(model).name
     outputs = [n for n in dict.fromkeys(names) if n != input_name]
-    session_model = with_outputs(model, outputs) if whole else prefix(model, outputs)
-    return make_session(session_model, role, providers), outputs
+    return (with_outputs(model, outputs) if whole else prefix(model, outputs)), outputs
+
+
+def _feed(model: onnx.ModelProto, x: NDArray[np.float32]) -> dict[str, NDArray[np.float32]]:
+    """The images as the model's one graph input."""
+    return {input_spec(model).name: x}
 
 
 def _with_graph_input(

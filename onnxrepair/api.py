@@ -138,7 +138,8 @@ def fix(
     """Repair `quant_model` against `float_model` on `images` (what `onnxrepair fix` does; see README).
 
     `options` are `plan_fix`'s: layers ("all", "first:K", "last:K", names), encoding, metric,
-    neurons, search, budget, guard, seed, jobs, preprocessing... Without `val`, a stratified
+    neurons, search, budget, guard, seed, jobs, executor ("local" or "ray", with ray_address),
+    preprocessing... Without `val`, a stratified
     `val_fraction` of `images` is held out for validation.
 
     Raises:
@@ -149,6 +150,24 @@ def fix(
     progress = progress or NoProgress()
     repair_set, validation = read_fix_images(plan, images, labels, val, val_labels, progress)
     return run_fix(plan, repair_set, validation, progress)
+
+
+def _executor_kind(kind: str, ray_address: str | None) -> str:
+    """`kind`, checked before any image is read: ray must be installed, an address needs ray.
+
+    Raises:
+        DataError: an unknown executor, or an address without --executor ray.
+        MissingExtraError: ray asked for and not installed.
+    """
+    if kind not in ("local", "ray"):
+        raise DataError(f"--executor must be local or ray, got {kind!r}")
+    if ray_address is not None and kind != "ray":
+        raise DataError("--ray-address is for --executor ray; add --executor ray or drop the address")
+    if kind == "ray":
+        from onnxrepair.ray_executor import require_ray
+
+        require_ray()
+    return kind
 
 
 def plan_fix(
@@ -178,6 +197,8 @@ def plan_fix(
     positions_per_image: int = DEFAULT_POSITIONS_PER_IMAGE,
     seed: int = 0,
     jobs: int = 1,
+    executor: str = "local",
+    ray_address: str | None = None,
     provider: str = "auto",
     batch_size: int | None = None,
     preprocessing: PreprocessingOptions | None = None,
@@ -210,6 +231,8 @@ def plan_fix(
             structured=not full_lp,
         ),
         jobs=jobs,
+        executor=_executor_kind(executor, ray_address),
+        ray_address=ray_address,
         providers=tuple(select_providers(provider)),
         holdout_fraction=holdout_fraction,
         guard=guard,

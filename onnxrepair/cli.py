@@ -258,6 +258,19 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: the cores available, %(default)d)",
     )
     repair_group.add_argument(
+        "--executor",
+        choices=["local", "ray"],
+        default="local",
+        help="where solves and inference batches run: local (this machine, --jobs processes) or ray (a Ray "
+        "instance: pip install 'onnxrepair[ray]'); the written model is the same (default: %(default)s)",
+    )
+    repair_group.add_argument(
+        "--ray-address",
+        metavar="ADDRESS",
+        help="with --executor ray: the cluster to join (auto: the one `ray start` runs here; ray://host:10001: "
+        "Ray Client); without it a local instance with --jobs CPUs is started and stopped",
+    )
+    repair_group.add_argument(
         "--provider",
         choices=["auto", "cpu", "cuda"],
         default="auto",
@@ -456,6 +469,8 @@ def fix_command(args: argparse.Namespace, console: Console) -> int:
         positions_per_image=args.positions_per_image,
         seed=args.seed,
         jobs=args.jobs,
+        executor=args.executor,
+        ray_address=args.ray_address,
         provider=args.provider,
         batch_size=args.batch_size,
         preprocessing=preprocessing_options(args),

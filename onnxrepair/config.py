@@ -163,7 +163,12 @@ class RepairConfig:
         batch_size: images per ONNX Runtime run.
         solve: solver options.
         search: when set, search configurations instead of applying `solve` once.
-        jobs: processes that solve neurons in parallel (1: all in this process).
+        jobs: processes that solve neurons in parallel (1: all in this process);
+            with the ray executor, the CPUs of the local instance it starts.
+        executor: where solves and inference batches run: "local" (this
+            machine, `jobs` processes) or "ray" (parallel.make_executor).
+        ray_address: the Ray cluster to join ("auto", "ray://host:port");
+            None starts a local instance.
         providers: ONNX Runtime execution providers, in order of preference;
             empty: CUDA when this onnxruntime has it, then CPU.
         holdout_fraction: share of the repair images kept aside to score
@@ -186,6 +191,8 @@ class RepairConfig:
     solve: SolveConfig = SolveConfig()
     search: SearchConfig | None = None
     jobs: int = 1
+    executor: str = "local"
+    ray_address: str | None = None
     providers: tuple[str, ...] = ()
     holdout_fraction: float | None = None
     guard: bool | None = None

@@ -34,3 +34,15 @@ class OutputError(OnnxRepairError):
 
 class ResourceError(OnnxRepairError):
     """The machine ran short of something the run needs (memory, a worker process)."""
+
+
+class WorkerDiedError(ResourceError):
+    """A worker process died on every try of one item of an `Executor.map` (`index`: which item)."""
+
+    def __init__(self, message: str, index: int) -> None:
+        super().__init__(message)
+        self.index = index
+
+
+class MissingExtraError(OnnxRepairError):
+    """An option needs an optional package that is not installed (the message says which extra to install)."""

@@ -25,7 +25,7 @@ from numpy.typing import NDArray
 
 from onnxrepair.activity import LayerActivity
 from onnxrepair.config import WHOLE_LAYER_ENCODINGS, Encoding, Metric, SolveConfig
-from onnxrepair.errors import UnsupportedModelError
+from onnxrepair.errors import UnsupportedModelError, WorkerDiedError
 from onnxrepair.graph import Layer, LayerGrid, LayerPair, find_layers, layer_grid, layer_parameters
 from onnxrepair.localize import rank_neurons, suspiciousness
 from onnxrepair.parallel import Executor, SerialExecutor
@@ -329,7 +329,7 @@ def _fit(
         problems.append(
             FitProblem(j, weights[j], float(bias[j]), inputs[columns.start], fit_target, _neuron_grid(grid, j))
         )
-    solutions = _map_solves(problems, config, progress, deadline, executor)
+    solutions = _map_solves(problems, config, progress, deadline, executor, pair.quant_layer.name)
     checked = []
     for solution in solutions:
         j = solution.neuron
@@ -391,7 +391,8 @@ def _solve(
             solutions = solve_logit(joint, _within(config, deadline))
             advance(1)
         return solutions
-    return _map_solves(layer_problems(quant_model, pair, activity, selected), config, progress, deadline, executor)
+    problems = layer_problems(quant_model, pair, activity, selected)
+    return _map_solves(problems, config, progress, deadline, executor, pair.quant_layer.name)
 
 
 def _map_solves(
@@ -400,8 +401,13 @@ def _map_solves(
     progress: Progress,
     deadline: float | None,
     executor: Executor,
+    layer: str,
 ) -> list[NeuronSolution]:
-    """Solve every problem through `executor`, in order, each before the deadline."""
+    """Solve every problem through `executor`, in order, each before the deadline.
+
+    Raises:
+        WorkerDiedError: a problem's worker process died on every try (named by layer and channel).
+    """
     # a worker process costs a second to start: worth it only for several problems of some size
     if len(problems) < 2 * executor.jobs or problems[0].inputs.size < _FAN_OUT_MIN_INPUTS:
         executor = SerialExecutor()
@@ -409,11 +415,18 @@ def _map_solves(
     solve = functools.partial(solve_before, config=config, wall_deadline=wall_deadline)
     solutions = []
     with progress.task("solving", len(problems)) as advance:
-        for solution in executor.map(solve, problems):
-            if not solution.solved:
-                logger.info("neuron %d left unchanged: %s", solution.neuron, solution.reason)
-            solutions.append(solution)
-            advance(1)
+        try:
+            for solution in executor.map(solve, problems):
+                if not solution.solved:
+                    logger.info("neuron %d left unchanged: %s", solution.neuron, solution.reason)
+                solutions.append(solution)
+                advance(1)
+        except WorkerDiedError as died:
+            raise WorkerDiedError(
+                f"solving channel {problems[died.index].neuron} of layer '{layer}' failed: {died}; nothing was "
+                "written (a solver process that runs out of memory dies this way: try fewer --jobs)",
+                died.index,
+            ) from died
     return solutions
 
 

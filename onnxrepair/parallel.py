@@ -1,10 +1,12 @@
-"""Fan-out of independent solves, behind one small interface: map a pure function over items.
+"""Fan-out of independent work, behind one small interface: solves and inference batches.
 
 Neuron problems share nothing while they are solved, so they can run in
-separate processes. Everything that fans out goes through `Executor.map`, so
-another engine (a Ray or Dask pool on a cluster) can be plugged in by writing
-one class, without touching the solver code. Results come back in the order
-of the items, so a parallel run returns exactly what a serial one does.
+separate processes. Everything that fans out goes through `Executor.map`
+(solves) and `Executor.stream` (a model over batches of inputs), so another
+engine plugs in by writing one class, without touching the solver code:
+`ray_executor.RayExecutor` is one. Results come back in the order of the
+items and every engine cuts the same batches, so a parallel run returns
+exactly what a serial one does.
 """
 
 from __future__ import annotations
@@ -12,24 +14,40 @@ from __future__ import annotations
 import math
 import multiprocessing
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from types import TracebackType
-from typing import Protocol, TypeVar
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from onnxrepair.errors import ResourceError
+
+if TYPE_CHECKING:
+    import onnx
+    from numpy.typing import NDArray
 
 Item = TypeVar("Item")
 Result = TypeVar("Result")
 
 
 class Executor(Protocol):
-    """Maps a picklable function over items, yielding results in item order."""
+    """Maps a picklable function over items, and runs models over batches; results in order."""
 
     jobs: int
 
     def map(self, fn: Callable[[Item], Result], items: Sequence[Item]) -> Iterator[Result]: ...
+
+    def stream(
+        self,
+        model: onnx.ModelProto,
+        role: str,
+        feeds: Mapping[str, NDArray],
+        outputs: Sequence[str],
+        batch_size: int,
+        providers: Sequence[str] | None = None,
+    ) -> Iterator[tuple[int, dict[str, NDArray]]]:
+        """`runtime.stream_feeds`, wherever this executor runs things: (first row, outputs) per batch, in order."""
+        ...
 
 
 class SerialExecutor:
@@ -40,14 +58,28 @@ class SerialExecutor:
     def map(self, fn: Callable[[Item], Result], items: Sequence[Item]) -> Iterator[Result]:
         return map(fn, items)
 
+    def stream(
+        self,
+        model: onnx.ModelProto,
+        role: str,
+        feeds: Mapping[str, NDArray],
+        outputs: Sequence[str],
+        batch_size: int,
+        providers: Sequence[str] | None = None,
+    ) -> Iterator[tuple[int, dict[str, NDArray]]]:
+        from onnxrepair.runtime import stream_feeds  # runtime imports this module
 
-class ProcessExecutor:
-    """A pool of `jobs` worker processes, started on first use and kept until `close`.
+        return stream_feeds(model, role, feeds, outputs, batch_size, providers)
+
+
+class ProcessExecutor(SerialExecutor):
+    """A pool of `jobs` worker processes for solves, started on first use and kept until `close`.
 
     Workers are spawned, not forked: the parent holds ONNX Runtime and solver
     threads, which a fork would copy in an undefined state. Items travel in a
     few chunks per worker, so data shared by all items (the layer inputs) is
-    pickled once per chunk, not once per item.
+    pickled once per chunk, not once per item. Models run here (`stream`):
+    ONNX Runtime already uses every core of this machine.
     """
 
     def __init__(self, jobs: int) -> None:
@@ -84,6 +116,32 @@ class ProcessExecutor:
         self, kind: type[BaseException] | None, value: BaseException | None, traceback: TracebackType | None
     ) -> None:
         self.close()
+
+
+def make_executor(kind: str = "local", jobs: int = 1, address: str | None = None) -> Executor:
+    """The executor of a run: `local` (this process, or a pool of `jobs` processes) or `ray`.
+
+    `ray` joins `address` or starts a local instance with `jobs` CPUs (ray_executor.RayExecutor).
+    Close it with `close_executor`.
+
+    Raises:
+        MissingExtraError: ray asked for and not installed.
+        ResourceError: the Ray cluster cannot be reached.
+    """
+    if kind == "ray":
+        from onnxrepair.ray_executor import RayExecutor  # Ray is an optional extra
+
+        return RayExecutor(address, jobs if address is None else None)
+    if kind != "local":
+        raise ValueError(f"executor must be 'local' or 'ray', got {kind!r}")
+    return ProcessExecutor(jobs) if jobs > 1 else SerialExecutor()
+
+
+def close_executor(executor: Executor) -> None:
+    """Stop what `make_executor` started (worker processes, a local Ray instance)."""
+    close = getattr(executor, "close", None)
+    if close is not None:
+        close()
 
 
 def available_cores() -> int:

@@ -21,6 +21,7 @@ from numpy.typing import NDArray
 
 from onnxrepair.activity import FloatTargets, LayerActivity, kept_activity, read_layer_activity
 from onnxrepair.graph import LayerPair, layer_parameters
+from onnxrepair.parallel import Executor
 from onnxrepair.progress import NoProgress, Progress
 from onnxrepair.runtime import output_name
 from onnxrepair.search import HoldoutScorer, Score
@@ -60,10 +61,12 @@ class InputReader:
         positions_per_image: int,
         seed: int,
         providers: Sequence[str] | None,
+        executor: Executor | None = None,
         progress: Progress | None = None,
     ) -> None:
         self.float_model, self.x, self.targets, self.scorer = float_model, x, targets, scorer
         self.batch_size, self.positions, self.seed, self.providers = batch_size, positions_per_image, seed, providers
+        self.executor = executor
         self.progress = progress or NoProgress()
 
     def activity(self, model: onnx.ModelProto, pair: LayerPair, position: int, every_channel: bool) -> LayerActivity:
@@ -80,6 +83,7 @@ class InputReader:
             scores=not every_channel,
             float_rows=self.targets.rows(pair.float_layer.name) if every_channel else None,
             skip=skip_of(pair) if every_channel else None,
+            executor=self.executor,
         )
 
     def score(self, candidate: onnx.ModelProto, position: int) -> Score:
@@ -104,12 +108,16 @@ class KeptReader:
         positions_per_image: int,
         seed: int,
         providers: Sequence[str] | None,
+        executor: Executor | None = None,
     ) -> None:
         self.plan, self.targets, self.scorer = plan, targets, scorer
         self.batch_size, self.positions, self.seed, self.providers = batch_size, positions_per_image, seed, providers
+        self.executor = executor
         self.images = len(x)
-        self.fit: Kept = plan.start(quant_model, x, batch_size, providers)
-        self.held: Kept | None = None if scorer is None else plan.start(quant_model, scorer.x, batch_size, providers)
+        self.fit: Kept = plan.start(quant_model, x, batch_size, providers, executor)
+        self.held: Kept | None = (
+            None if scorer is None else plan.start(quant_model, scorer.x, batch_size, providers, executor)
+        )
         self._held_next: Kept | None = None  # the held-out tensors after the last candidate scored
 
     def activity(self, model: onnx.ModelProto, pair: LayerPair, position: int, every_channel: bool) -> LayerActivity:
@@ -144,6 +152,7 @@ class KeptReader:
             self.batch_size,
             self.providers,
             [scores_name, *crossing],
+            self.executor,
         )
         self._held_next = None if following is None else {
             name: computed[name] if name in computed else self.held[name] for name in crossing
@@ -156,12 +165,16 @@ class KeptReader:
         if following is None:
             return
         start = self.plan.cuts[position]
-        self.fit, _ = self.plan.advance(model, self.fit, start, following, self.batch_size, self.providers)
+        self.fit, _ = self.plan.advance(
+            model, self.fit, start, following, self.batch_size, self.providers, executor=self.executor
+        )
         if self.held is not None:
             if took_candidate and self._held_next is not None:
                 self.held = self._held_next
             else:
-                self.held, _ = self.plan.advance(model, self.held, start, following, self.batch_size, self.providers)
+                self.held, _ = self.plan.advance(
+                    model, self.held, start, following, self.batch_size, self.providers, executor=self.executor
+                )
         self._held_next = None
 
     def _next_cut(self, position: int) -> int | None:

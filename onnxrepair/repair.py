@@ -32,7 +32,7 @@ from onnxrepair.graph import (
     pair_layer,
 )
 from onnxrepair.methods import LayerRepair, Method, repair_layer
-from onnxrepair.parallel import Executor, ProcessExecutor, SerialExecutor
+from onnxrepair.parallel import Executor, close_executor, make_executor
 from onnxrepair.progress import NoProgress, Progress
 from onnxrepair.readers import InputReader, KeptReader, LayerReader, skip_of
 from onnxrepair.runtime import make_session, output_name, run_batched
@@ -167,12 +167,11 @@ def repair(
         OnnxRepairError: the models do not match or cannot be repaired.
     """
     progress = progress or NoProgress()
-    executor = ProcessExecutor(config.jobs) if config.jobs > 1 else SerialExecutor()
+    executor = make_executor(config.executor, config.jobs, config.ray_address)
     try:
         result = _repair(float_model, quant_model, repair_set, validation_set, config, progress, executor)
     finally:
-        if isinstance(executor, ProcessExecutor):
-            executor.close()
+        close_executor(executor)
     return dataclasses.replace(result, peak_memory_mb=peak_memory_mb())
 
 
@@ -221,7 +220,7 @@ def _repair(
     reader = (
         None
         if config.search is not None
-        else _reader(float_model, quant_model, names, fit_set, scorer, config, method, progress)
+        else _reader(float_model, quant_model, names, fit_set, scorer, config, method, progress, executor)
     )
     overall = progress.task("layers", len(names)) if len(names) > 1 else contextlib.nullcontext(_no_advance)
     with overall as advance_layers:
@@ -324,6 +323,7 @@ def _reader(
     config: RepairConfig,
     method: Method,
     progress: Progress,
+    executor: Executor,
 ) -> LayerReader:
     """Kept tensors when every layer changes every channel and the model allows it; the model input otherwise."""
     pairs = [pair_layer(float_model, quant_model, name) for name in names]
@@ -339,8 +339,9 @@ def _reader(
         seed=config.seed,
         progress=progress,
         residual_sums=True,
+        executor=executor,
     )
-    common = (targets, scorer, config.batch_size, config.positions_per_image, config.seed, providers)
+    common = (targets, scorer, config.batch_size, config.positions_per_image, config.seed, providers, executor)
     if len(names) > 1 and all(method.changes_every_channel(pair.quant_layer.n_out) for pair in pairs):
         images = len(fit_set) + (0 if scorer is None else len(scorer.x))
         plan = Segments.plan(quant_model, [pair.quant_layer for pair in pairs], images, [skip_of(p) for p in pairs])

@@ -110,6 +110,7 @@ def report_dict(
         "neurons_requested": config.neurons,
         "seed": config.seed,
         "jobs": config.jobs,
+        "executor": config.executor,
         "providers": list(config.providers),
         "preprocessing": preprocessing,
         "rewrite_seconds": result.timings.rewrite,

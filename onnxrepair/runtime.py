@@ -7,7 +7,7 @@ The CUDA execution provider is used when the installed onnxruntime offers it
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -16,7 +16,7 @@ from numpy.typing import NDArray
 
 from onnxrepair.errors import DataError, UnsupportedModelError
 from onnxrepair.graph import with_outputs
-from onnxrepair.parallel import available_cores
+from onnxrepair.parallel import Executor, available_cores
 
 
 def default_providers() -> list[str]:
@@ -47,10 +47,14 @@ def select_providers(choice: str, available: Sequence[str] | None = None) -> lis
     return [cuda, "CPUExecutionProvider"] if cuda in available else ["CPUExecutionProvider"]
 
 
-def make_session(model: onnx.ModelProto, role: str, providers: Sequence[str] | None = None) -> ort.InferenceSession:
+def make_session(
+    model: onnx.ModelProto, role: str, providers: Sequence[str] | None = None, threads: int | None = None
+) -> ort.InferenceSession:
     """An inference session with default options: what a user deploys.
 
-    The class scores (`output_name`) are always among its outputs.
+    The class scores (`output_name`) are always among its outputs. `threads`: ONNX Runtime's intra-op
+    threads (default: the cores this process may use; a worker that shares the machine with others asks
+    for fewer).
 
     Raises:
         UnsupportedModelError: ONNX Runtime refuses the model.
@@ -64,7 +68,7 @@ def make_session(model: onnx.ModelProto, role: str, providers: Sequence[str] | N
     options = ort.SessionOptions()
     options.log_severity_level = 3  # errors only; ORT's warnings are not the user's business here
     # the cores this process may use (ORT counts the machine's, which oversubscribes a container or taskset)
-    options.intra_op_num_threads = available_cores()
+    options.intra_op_num_threads = threads or available_cores()
     try:
         return ort.InferenceSession(
             model.SerializeToString(), sess_options=options, providers=list(providers or default_providers())
@@ -82,15 +86,70 @@ def stream_batched(
     Raises:
         UnsupportedModelError: ONNX Runtime fails on the data (e.g. a shape mismatch).
     """
-    input_name = session.get_inputs()[0].name
-    for start in range(0, len(x), batch_size):
-        batch = np.ascontiguousarray(x[start : start + batch_size])
-        try:
-            results = session.run(list(output_names), {input_name: batch})
-        except Exception as exc:
-            message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise UnsupportedModelError(f"ONNX Runtime failed to run the model: {message}") from exc
-        yield start, {name: np.asarray(value) for name, value in zip(output_names, results, strict=True)}
+    yield from _stream_session(session, "", {session.get_inputs()[0].name: x}, output_names, batch_size)
+
+
+def stream_feeds(
+    model: onnx.ModelProto,
+    role: str,
+    feeds: Mapping[str, NDArray],
+    outputs: Sequence[str],
+    batch_size: int,
+    providers: Sequence[str] | None = None,
+) -> Iterator[tuple[int, dict[str, NDArray]]]:
+    """Run `model` over `feeds` (one array per graph input, one row per example) in batches, here.
+
+    Yields (first row, the named outputs of those rows). The executors' `stream` runs the same batches
+    elsewhere (parallel.py); every engine cuts the same batches, so every engine gives the same values.
+
+    Raises:
+        UnsupportedModelError: ONNX Runtime refuses the model or fails on the data.
+    """
+    session = make_session(model, role, providers)
+    yield from _stream_session(session, role, feeds, outputs, batch_size)
+
+
+def stream_on(
+    executor: Executor | None,
+    model: onnx.ModelProto,
+    role: str,
+    feeds: Mapping[str, NDArray],
+    outputs: Sequence[str],
+    batch_size: int,
+    providers: Sequence[str] | None = None,
+) -> Iterator[tuple[int, dict[str, NDArray]]]:
+    """`stream_feeds` through `executor` (here when None): where the repair's inference runs."""
+    if executor is None:
+        return stream_feeds(model, role, feeds, outputs, batch_size, providers)
+    return executor.stream(model, role, feeds, outputs, batch_size, providers)
+
+
+def run_feeds(
+    session: ort.InferenceSession, role: str, feed: Mapping[str, NDArray], outputs: Sequence[str]
+) -> dict[str, NDArray]:
+    """One batch through an open session: the named outputs as arrays."""
+    if not outputs:
+        return {}
+    try:
+        results = session.run(list(outputs), {name: np.ascontiguousarray(value) for name, value in feed.items()})
+    except Exception as exc:  # ORT raises its own Fail/InvalidArgument/RuntimeError types
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        model = f"the {role} model" if role else "the model"
+        raise UnsupportedModelError(f"ONNX Runtime failed to run {model}: {message}") from exc
+    return {name: np.asarray(value) for name, value in zip(outputs, results, strict=True)}
+
+
+def batch_starts(feeds: Mapping[str, NDArray], batch_size: int) -> range:
+    """The first row of every batch: the cut every engine makes."""
+    return range(0, len(next(iter(feeds.values()))), batch_size)
+
+
+def _stream_session(
+    session: ort.InferenceSession, role: str, feeds: Mapping[str, NDArray], outputs: Sequence[str], batch_size: int
+) -> Iterator[tuple[int, dict[str, NDArray]]]:
+    for start in batch_starts(feeds, batch_size):
+        feed = {name: value[start : start + batch_size] for name, value in feeds.items()}
+        yield start, run_feeds(session, role, feed, outputs)
 
 
 def run_batched(

@@ -32,9 +32,9 @@ import onnx
 from numpy.typing import NDArray
 from onnx import numpy_helper
 
-from onnxrepair.errors import UnsupportedModelError
 from onnxrepair.graph import Layer, initializers, input_spec
-from onnxrepair.runtime import make_session
+from onnxrepair.parallel import Executor
+from onnxrepair.runtime import stream_on
 
 # Kept tensors above this many bytes (all images together) make `Segments.plan` give up: the caller
 # reads each layer from the model input instead (slower; memory bounded by the batch).
@@ -186,6 +186,7 @@ class Segments:
         batch_size: int,
         providers: Sequence[str] | None,
         extra: Sequence[str] = (),
+        executor: Executor | None = None,
     ) -> tuple[Kept, dict[str, NDArray]]:
         """Run order[start:end] of `model` over `kept` (the tensors crossing `start`).
 
@@ -198,7 +199,7 @@ class Segments:
         count = len(next(iter(kept.values())))
         computed: dict[str, NDArray] = {}
         filled = 0
-        for values in _run(segment, kept, wanted, batch_size, providers):
+        for values in _run(segment, kept, wanted, batch_size, providers, executor):
             for name in wanted:  # one array per tensor, sized by the first batch: never a second copy
                 if name not in computed:
                     computed[name] = np.empty((count, *values[name].shape[1:]), values[name].dtype)
@@ -208,27 +209,30 @@ class Segments:
         return following, {name: computed[name] for name in extra if name in computed}
 
     def start(
-        self, model: onnx.ModelProto, x: NDArray[np.float32], batch_size: int, providers: Sequence[str] | None
+        self,
+        model: onnx.ModelProto,
+        x: NDArray[np.float32],
+        batch_size: int,
+        providers: Sequence[str] | None,
+        executor: Executor | None = None,
     ) -> Kept:
         """The tensors crossing the first cut, for images `x`."""
-        kept, _ = self.advance(model, {self.graph_input: x}, 0, self.cuts[0], batch_size, providers)
+        kept, _ = self.advance(model, {self.graph_input: x}, 0, self.cuts[0], batch_size, providers, (), executor)
         return kept
 
 
 def _run(
-    segment: onnx.ModelProto, kept: Kept, outputs: Sequence[str], batch_size: int, providers: Sequence[str] | None
+    segment: onnx.ModelProto,
+    kept: Kept,
+    outputs: Sequence[str],
+    batch_size: int,
+    providers: Sequence[str] | None,
+    executor: Executor | None,
 ) -> Iterator[dict[str, NDArray]]:
-    session = make_session(segment, "QUANT", providers)
-    names = [i.name for i in session.get_inputs()]
-    count = len(next(iter(kept.values())))
-    for begin in range(0, count, batch_size):
-        feed = {name: np.ascontiguousarray(kept[name][begin : begin + batch_size]) for name in names}
-        try:
-            values = session.run(list(outputs), feed) if outputs else []
-        except Exception as exc:  # ORT raises its own Fail/InvalidArgument/RuntimeError types
-            message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise UnsupportedModelError(f"ONNX Runtime failed to run a segment of QUANT: {message}") from exc
-        yield dict(zip(outputs, values, strict=True))
+    inits = {init.name for init in segment.graph.initializer}
+    feeds = {i.name: kept[i.name] for i in segment.graph.input if i.name not in inits}
+    for _, values in stream_on(executor, segment, "QUANT", feeds, outputs, batch_size, providers):
+        yield values
 
 
 def _feeds(node: onnx.NodeProto, consumer: onnx.NodeProto) -> bool:
