@@ -16,7 +16,10 @@ Three parts, all on the same machine in one run:
    model given by ``--whole`` (default: ``quant.onnx``, per-channel u8
    reduce_range, and ``quant_s8s8_tensor.onnx``, per-tensor s8s8): wall time,
    peak memory, layers kept by the held-out guard, and agreement with the float
-   model on the validation crops.
+   model on the validation crops. ``--executors local,ray`` runs each model
+   once per executor, one after the other (``--jobs N``, then ``--executor ray``
+   on a local instance with N CPUs), and says whether the two wrote the same
+   bytes.
 
 1. ``onnxrepair fix`` as a user runs it (one subprocess per N, default
    encoding and options): inference, per-neuron solve seconds (median, p90,
@@ -106,10 +109,17 @@ def run_fix(cache: Path, neurons: str, args: argparse.Namespace) -> FixRun:
     )
 
 
-def run_whole(cache: Path, quant: str, args: argparse.Namespace) -> FixRun:
-    """Every layer of `quant` (`--layers all`, its defaults)."""
-    run = run_cli_fix(cache, quant, f"whole-{Path(quant).stem}", ["--layers", "all"], args)
-    return dataclasses.replace(run, label=quant)
+def run_whole(cache: Path, quant: str, executor: str, args: argparse.Namespace) -> FixRun:
+    """Every layer of `quant` (`--layers all`, its defaults), on `executor` (local: `--jobs` processes)."""
+    options = ["--layers", "all", *(["--executor", executor] if executor != "local" else [])]
+    tag = f"whole-{Path(quant).stem}" + ("" if executor == "local" else f"-{executor}")
+    run = run_cli_fix(cache, quant, tag, options, args)
+    label = quant if executor == "local" else f"{quant}, --executor {executor}"
+    if executor != "local":
+        ours, local = cache / "speed" / f"{tag}.onnx", cache / "speed" / f"whole-{Path(quant).stem}.onnx"
+        if ours.exists() and local.exists():
+            label += ", same bytes as local" if ours.read_bytes() == local.read_bytes() else ", DIFFERENT bytes"
+    return dataclasses.replace(run, label=label)
 
 
 def whole_markdown(runs: list[FixRun], args: argparse.Namespace) -> list[str]:
@@ -365,6 +375,11 @@ def main() -> int:
         default="quant.onnx,quant_s8s8_tensor.onnx",
         help="quantized models in --cache to repair whole (--layers all); empty: skip (default: %(default)s)",
     )
+    parser.add_argument(
+        "--executors",
+        default="local",
+        help="executors of the whole-network runs, each model once per executor: local, ray (default: %(default)s)",
+    )
     parser.add_argument("--out", type=Path, help="write the section into this Markdown file")
     args = parser.parse_args()
 
@@ -375,7 +390,8 @@ def main() -> int:
     build = json.loads(build_json.read_text()) if build_json.exists() else {}
     build["summary"] = build_summary(build)
 
-    whole = [run_whole(args.cache, q.strip(), args) for q in args.whole.split(",") if q.strip()]
+    executors = [e.strip() for e in args.executors.split(",") if e.strip()]
+    whole = [run_whole(args.cache, q.strip(), e, args) for q in args.whole.split(",") if q.strip() for e in executors]
     runs = [run_fix(args.cache, n.strip(), args) for n in args.neurons.split(",") if n.strip()]
     comparisons: list[Comparison] = []
     if args.naive_sample > 0:
