@@ -59,7 +59,12 @@ class RayExecutor:
         self._retries = retries
         self._started = False
         if not ray.is_initialized():
-            options: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.WARNING}
+            # workers' own output stays in Ray's log folder: their errors reach the driver as exceptions
+            options: dict[str, Any] = {
+                "include_dashboard": False,
+                "logging_level": logging.WARNING,
+                "log_to_driver": False,
+            }
             if address is None:
                 options["num_cpus"] = jobs
             else:
