@@ -17,7 +17,11 @@ On a local Ray instance with --cpus CPUs, one process, the median of --repeats:
 * per solve, local: the same N items in this process (the floor).
 
 These are the overheads the estimate adds to measured solve times; they do not
-depend on the model.
+depend on the model. With ``--solve-widths``, also the seconds of one channel's
+`reconstruct-lp` program (the per-channel LP `--executor ray` fans out) at each
+width (weights per channel: 576, 1152, 2304, 4608 are a ResNet-50's 3x3 convs),
+on `--solve-rows` synthetic rows (ReLU'd normal inputs, a target from float
+weights, the weights rounded to an int8 grid): median of `--solve-channels`.
 """
 
 from __future__ import annotations
@@ -37,11 +41,37 @@ def identity(k: int) -> int:
     return k
 
 
+def solve_seconds(width: int, rows: int, channels: int, seed: int = 0) -> list[float]:
+    """Seconds of `channels` reconstruct-lp solves of one channel with `width` weights over `rows` rows."""
+    import numpy as np
+
+    from onnxrepair.config import Encoding, SolveConfig
+    from onnxrepair.solve import FitProblem, NeuronGrid, solve_fit
+
+    rng = np.random.default_rng(seed)
+    inputs = np.maximum(rng.normal(size=(rows, width)), 0.0)
+    seconds = []
+    for channel in range(channels):
+        exact = rng.normal(scale=1 / np.sqrt(width), size=width)
+        step = np.full(width, np.abs(exact).max() / 127)
+        stored = np.clip(np.round(exact / step), -128, 127) * step
+        target = inputs @ exact + rng.normal(scale=0.01, size=rows)
+        grid = NeuronGrid(step, -128 - stored / step, 127 - stored / step, 0.0)
+        problem = FitProblem(channel, stored, 0.0, inputs, target, grid)
+        began = time.perf_counter()
+        solve_fit(problem, SolveConfig(encoding=Encoding.RECONSTRUCT_LP))
+        seconds.append(time.perf_counter() - began)
+    return seconds
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cpus", type=int, default=2)
     parser.add_argument("--tasks", type=int, default=2000)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--solve-widths", default="", help="e.g. 576,1152,2304,4608 (default: skip)")
+    parser.add_argument("--solve-rows", type=int, default=4096)
+    parser.add_argument("--solve-channels", type=int, default=5)
     args = parser.parse_args()
 
     import ray
@@ -85,6 +115,17 @@ def main() -> int:
     print(f"| one task per item (submit + get), per item | {1e3 * statistics.median(per_task):.2f} ms |")
     print(f"| `RayExecutor.map` (chunked), per item | {1e3 * statistics.median(per_item):.3f} ms |")
     print(f"| in this process, per item | {1e6 * local:.2f} µs |")
+    widths = [int(w) for w in args.solve_widths.split(",") if w.strip()]
+    if widths:
+        print()
+        print(f"One channel's `reconstruct-lp` solve, {args.solve_rows} synthetic rows, this process, "
+              f"median (max) of {args.solve_channels} channels:")  # fmt: skip
+        print()
+        print("| weights per channel | seconds |")
+        print("|---|---|")
+        for width in widths:
+            times = solve_seconds(width, args.solve_rows, args.solve_channels)
+            print(f"| {width} | {statistics.median(times):.2f} ({max(times):.2f}) |")
     return 0
 
 
