@@ -71,12 +71,19 @@ class RayExecutor:
                 options["address"] = address
             # many small BLAS solves per worker: one thread each is far faster than a shared pool
             options["runtime_env"] = {"env_vars": {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}}
+            # a local instance of our own is private to this run: Ray's note on its access token is noise here
+            token_note = logging.getLogger("ray._private.authentication.authentication_token_setup")
+            level = token_note.level
+            if address is None:
+                token_note.setLevel(logging.ERROR)
             try:
                 ray.init(**options)
             except (ConnectionError, RuntimeError, ValueError) as error:
                 where = f"the Ray cluster at {address}" if address else "a local Ray instance"
                 first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
                 raise ResourceError(f"cannot start or reach {where}: {first}") from error
+            finally:
+                token_note.setLevel(level)
             self._started = True
         self.jobs = max(1, int(ray.cluster_resources().get("CPU", 1)))
         self._in_flight = 2 * self.jobs  # enough to keep every CPU busy while results travel back
