@@ -257,8 +257,9 @@ class ImageSet:
 
     def subset(self, indices: NDArray[np.int64]) -> ImageSet:
         """The images at `indices`, in that order (rows on disk, a decoded folder's or a .npy's, are not copied)."""
+        rows = rows_of(self.x)
         return ImageSet(
-            x=rows_of(self.x)[indices],
+            x=rows.select(indices) if isinstance(rows, DiskRows) else rows[indices],
             labels=None if self.labels is None else self.labels[indices],
             class_names=self.class_names,
             paths=tuple(self.paths[i] for i in indices),

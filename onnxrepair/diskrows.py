@@ -9,11 +9,11 @@ so its resident set grows with the batch read, not with the set (a memory map
 read through once would hold every page it touched, counted in the peak).
 
 Inference code only takes ``len(x)`` and slices ``x[start:stop]``: a slice of
-`DiskRows` is an ordinary array read from disk. Indexing with integers (or a
-boolean mask) selects rows lazily, as another `DiskRows` over the same file:
-``ImageSet.subset`` splits a set in parts without copying it, and a
-memory-mapped ``.npy`` is split the same way (`rows_of`). ``np.asarray`` reads
-every row (correct, not bounded).
+`DiskRows` is an ordinary array read from disk, and so is ``x[indices]``, as
+with numpy. `DiskRows.select` selects rows lazily instead, as another
+`DiskRows` over the same file: ``ImageSet.subset`` splits a set in parts
+without copying it, and a memory-mapped ``.npy`` is split the same way
+(`rows_of`). ``np.asarray`` reads every row (correct, not bounded).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import mmap
 import os
 import tempfile
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,8 @@ import numpy as np
 from numpy.typing import NDArray
 
 from onnxrepair.errors import DataError
+
+_ITER_ROWS = 64  # rows read at a time when iterating
 
 
 class DiskRows:
@@ -94,6 +96,19 @@ class DiskRows:
             if not 0 <= position < len(self):
                 raise IndexError(f"index {key} is out of bounds for {len(self)} rows")
             return self._read(self._positions(np.asarray([position])))[0]
+        return self._read(self._positions(self._checked(key)))
+
+    def __iter__(self) -> Iterator[NDArray[Any]]:
+        for start in range(0, len(self), _ITER_ROWS):
+            yield from self[start : start + _ITER_ROWS]
+
+    def select(self, key: Any) -> DiskRows:
+        """The rows at `key` (integers or a boolean mask), in that order, as a view: nothing is read or copied."""
+        stored = (self._stored, *self._row_shape)
+        return DiskRows(self._file, self._offset, stored, self._dtype, self._positions(self._checked(key)))
+
+    def _checked(self, key: Any) -> NDArray[np.int64]:
+        """Integer or boolean-mask `key` as non-negative row numbers of this view."""
         selected = np.asarray(key)
         if selected.dtype == np.bool_:
             if selected.shape != (len(self),):
@@ -106,10 +121,7 @@ class DiskRows:
         selected = selected.astype(np.int64)
         if selected.size and (selected.min() < -len(self) or selected.max() >= len(self)):
             raise IndexError(f"row indices out of bounds for {len(self)} rows")
-        selected = np.where(selected < 0, selected + len(self), selected)
-        return DiskRows(
-            self._file, self._offset, (self._stored, *self._row_shape), self._dtype, self._positions(selected)
-        )
+        return np.where(selected < 0, selected + len(self), selected)
 
     def __array__(self, dtype: Any = None, copy: bool | None = None) -> NDArray[Any]:
         rows = self[:]
