@@ -50,12 +50,13 @@ class DiskRows:
         shape: Sequence[int],
         dtype: np.dtype[Any],
         index: NDArray[np.int64] | None = None,
+        lock: threading.Lock | None = None,
     ) -> None:
         self._file, self._offset, self._dtype = file, offset, np.dtype(dtype)
         self._row_shape = tuple(int(d) for d in shape[1:])
         self._stored = int(shape[0])  # rows in the file
         self._index = index  # which stored rows, in order; None: all of them
-        self._lock = threading.Lock()  # seek + read pairs on the shared file
+        self._lock = lock or threading.Lock()  # seek + read pairs on the file, shared with the views over it
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -105,7 +106,7 @@ class DiskRows:
     def select(self, key: Any) -> DiskRows:
         """The rows at `key` (integers or a boolean mask), in that order, as a view: nothing is read or copied."""
         stored = (self._stored, *self._row_shape)
-        return DiskRows(self._file, self._offset, stored, self._dtype, self._positions(self._checked(key)))
+        return DiskRows(self._file, self._offset, stored, self._dtype, self._positions(self._checked(key)), self._lock)
 
     def _checked(self, key: Any) -> NDArray[np.int64]:
         """Integer or boolean-mask `key` as non-negative row numbers of this view."""
