@@ -26,6 +26,7 @@ import numpy as np
 from numpy.typing import NDArray
 from PIL import Image, UnidentifiedImageError
 
+from onnxrepair.diskrows import DiskRows, RowWriter, decode_directory, rows_of
 from onnxrepair.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -232,14 +233,15 @@ class ImageSet:
     """Model-ready images with their labels.
 
     Attributes:
-        x: float32 array in the model's layout, one row per image.
+        x: float32 array in the model's layout, one row per image; for a decoded image folder, `DiskRows`
+            (read from disk slice by slice: ``x[start:stop]`` is an array, ``np.asarray(x)`` reads them all).
         labels: class index per image; None for unlabelled arrays.
         class_names: folder name of each class index.
         paths: source file of each image.
         skipped: files that could not be decoded (kept by `subset`: they belong to the load, not to a part).
     """
 
-    x: NDArray[np.float32]
+    x: NDArray[np.float32] | DiskRows
     labels: NDArray[np.int64] | None
     class_names: tuple[str, ...]
     paths: tuple[str, ...]
@@ -254,9 +256,10 @@ class ImageSet:
         return self.labels if self.labels is not None else np.zeros(len(self.x), np.int64)
 
     def subset(self, indices: NDArray[np.int64]) -> ImageSet:
-        """The images at `indices`, in that order."""
+        """The images at `indices`, in that order (rows on disk, a decoded folder's or a .npy's, are not copied)."""
+        rows = rows_of(self.x)
         return ImageSet(
-            x=self.x[indices],
+            x=rows.select(indices) if isinstance(rows, DiskRows) else rows[indices],
             labels=None if self.labels is None else self.labels[indices],
             class_names=self.class_names,
             paths=tuple(self.paths[i] for i in indices),
@@ -390,27 +393,32 @@ def _load_flat_folder(
 
 def _decode(
     files: Sequence[Path], prep: Preprocessing, advance: Callable[[int], None] | None, folder: Path
-) -> tuple[NDArray[np.float32], list[str], list[str]]:
-    """Decode every file; undecodable ones are skipped with a warning, an error only if none is left."""
-    arrays, kept, skipped, reasons = [], [], [], []
+) -> tuple[DiskRows, list[str], list[str]]:
+    """Decode every file into rows on disk, one at a time (never the whole set in memory); undecodable
+    ones are skipped with a warning, an error only if none is left."""
+    writer: RowWriter | None = None
+    kept, skipped, reasons = [], [], []
     for path in files:
         try:
-            arrays.append(load_image(path, prep))
+            image = load_image(path, prep)
         except (OSError, UnidentifiedImageError, ValueError) as exc:
             skipped.append(str(path))
             reasons.append(str(exc))
         else:
+            if writer is None:
+                writer = RowWriter(image.shape, np.dtype(np.float32), decode_directory())
+            writer.append(image)
             kept.append(str(path))
         if advance is not None:
             advance(1)
-    if not arrays:  # one sentence, not a warning per file before it
+    if writer is None:  # one sentence, not a warning per file before it
         raise DataError(f"{folder}: none of its {len(files)} image files could be decoded ({skipped[0]}: {reasons[0]})")
     for name, reason in list(zip(skipped, reasons, strict=True))[:MAX_SKIP_WARNINGS]:
         logger.warning("skipping %s: cannot decode it as an image (%s)", name, reason)
     if skipped:
         logger.warning("%s: skipped %d file(s) that could not be decoded", folder, len(skipped))
     logger.info("%s: %d images decoded (%s)", folder, len(kept), prep.describe())
-    return np.stack(arrays).astype(np.float32), kept, skipped
+    return writer.rows(), kept, skipped
 
 
 def _has_class_subfolders(folder: Path) -> bool:

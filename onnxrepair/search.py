@@ -307,7 +307,7 @@ def confirm_methods(
             model = quant_model
             for step in steps:
                 pair = pair_layer(float_model, model, step.pair.float_layer.name)
-                fit_x = repair_set.x[fit]
+                fit_x = repair_set.subset(fit).x  # not a copy when the rows are on disk
                 activity = read_layer_activity(float_model, model, pair, fit_x, config.batch_size, providers=providers)
                 try:
                     model, outcome = repair_layer(
@@ -325,7 +325,7 @@ def confirm_methods(
                     unfinished += len(step.repaired_neurons)
                     continue
                 unfinished += sum(s.status is SolveStatus.TIME_LIMIT for s in outcome.solutions)
-            scored_x = repair_set.x[scored]
+            scored_x = repair_set.subset(scored).x
             repaired_top1[scored] = top1_classes(model, scored_x, config.batch_size, "candidate", providers)
             advance(1)
     repaired_agrees, quant_agrees = repaired_top1 == float_top1, quant_top1 == float_top1

@@ -91,7 +91,8 @@ def test_confirmation_pools_out_of_fold_scores(digits_run) -> None:  # type: ign
             neurons = step.repaired_neurons  # the neurons the search changed, re-solved on this fold's data
             model, _ = repair_layer(model, pair, activity, step.method, config.solve, config.seed, neurons=neurons)
         repaired[~fit] = top1(model, repair_set.x[~fit])
-    reference, quant = top1(float_model, repair_set.x), top1(quant_model, repair_set.x)
+    everything = np.asarray(repair_set.x)  # a folder's rows are read from disk
+    reference, quant = top1(float_model, everything), top1(quant_model, everything)
     assert check.fixed == np.sum((repaired == reference) & (quant != reference))
     assert check.broken == np.sum((repaired != reference) & (quant == reference))
     labels = repair_set.labels

@@ -47,11 +47,12 @@ def test_flips_sqnr_agreement_and_suggestion_match_an_independent_count(digits: 
     images = load_image_folder(digits.validation, preprocessing_for_input("input", (1, 1, 8, 8)))
     found = inspect_models(float_model, quant_model, images, batch_size=64, top=3)
 
-    f_logits, f_h = run_with_taps(float_model, images.x, ["logits", "h"])
+    x = np.asarray(images.x)  # a folder's rows are read from disk
+    f_logits, f_h = run_with_taps(float_model, x, ["logits", "h"])
     q_producers = {n.name: n.output[0] for n in quant_model.graph.node}
     q_h_name, q_logits_name = q_producers["/fc1/Gemm"], q_producers["/fc2/Gemm"]
     q_out = quant_model.graph.output[0].name
-    q_scores, q_h, q_logits = run_with_taps(quant_model, images.x, [q_out, q_h_name, q_logits_name])
+    q_scores, q_h, q_logits = run_with_taps(quant_model, x, [q_out, q_h_name, q_logits_name])
     failing = f_logits.argmax(1) != q_scores.argmax(1)
     assert found.images == len(images) and found.failing == failing.sum() > 0
     assert found.agreement == pytest.approx(1 - failing.mean())
