@@ -14,6 +14,10 @@ is > 0 on input k and -1 otherwise:
               integers u within the stored integers' range: the model written is
               exactly the model solved, nothing is rounded afterwards.
 
+The structured solve (`SolveConfig.structured`) writes `paper` with the L-infinity
+objective in ratio form (v = delta / M, t = 1 / M, `paper_ratio_program`): one row
+per input, the norm as bounds, the same optimum.
+
 beta, the bias change, is a variable when `repair_bias` is on. |change| is
 sum |delta_i| + |beta| (L1, through auxiliary t >= +-change) or
 max(|delta_i|, |beta|) (L-infinity, through one auxiliary M).
@@ -409,27 +413,33 @@ def solve_neuron(problem: NeuronProblem, config: SolveConfig) -> NeuronSolution:
         # measured (tools/bench_speed.py): presolve finds nothing to remove in these dense LPs and costs
         # 2-3x the dual simplex itself; MILPs keep it (it tightens the integer bounds)
         options = (("presolve", "off"), *options)
+    # the paper's L-infinity program in ratio form (`paper_ratio_program`): same optimum, no norm rows
+    ratio = config.structured and config.encoding is Encoding.PAPER and config.resolved_objective is Objective.LINF
     rounds = 0
     while True:
         rounds += 1
-        program, block = neuron_program(
-            _rows_of(problem, working),
-            config.encoding,
-            config.resolved_objective,
-            config.resolved_repair_bias,
-            margin,
-            config.norm_weight,
-            slack_weight=1.0 / n if n else 0.0,
-            split_l1=config.structured,
-        )
+        rows_problem = _rows_of(problem, working)
         time_left = max(config.time_limit - (time.perf_counter() - start), 0.01)
-        result = solve_program(program, config.backend, time_left, options)
-        status, z, objective = result.status, result.z, result.objective
-        if z is None:
+        if ratio:
+            result, delta, beta = _solve_paper_ratio(rows_problem, config, margin, time_left, options)
+        else:
+            program, block = neuron_program(
+                rows_problem,
+                config.encoding,
+                config.resolved_objective,
+                config.resolved_repair_bias,
+                margin,
+                config.norm_weight,
+                slack_weight=1.0 / n if n else 0.0,
+                split_l1=config.structured,
+            )
+            result = solve_program(program, config.backend, time_left, options)
+            delta, beta = block.unpack(result.z) if result.z is not None else (None, 0.0)
+        status, objective = result.status, result.objective
+        if delta is None:
             seconds, reason = time.perf_counter() - start, result.reason(config)
             rows = int(working.sum())
             return NeuronSolution(problem.neuron, status, None, None, seconds, rows, reason, rounds=rounds)
-        delta, beta = block.unpack(z)
         repaired = sign * (problem.inputs @ (problem.weights + delta) + problem.bias + beta)
         broken = ~working & (repaired < margin - 1e-9)
         if not broken.any():
@@ -438,6 +448,81 @@ def solve_neuron(problem: NeuronProblem, config: SolveConfig) -> NeuronSolution:
                 problem.neuron, status, delta, objective, seconds, int(working.sum()), "", beta, rounds=rounds
             )
         working |= broken
+
+
+def paper_ratio_program(problem: NeuronProblem, repair_bias: bool, margin: float) -> LinearProgram:
+    """The paper's L-infinity program in ratio form: z = (v [m weights, + 1 bias if a variable], t).
+
+    For an optimum M > 0, v = change / M and t = 1 / M (the Charnes-Cooper change of variables) turn
+
+        minimise M  s.t.  s_k (x_k . (w + delta) + b + beta) >= margin,  |delta_i|, |beta| <= M
+
+    into
+
+        maximise t  s.t.  s_k (x_k . v + v_b) >= (margin - s_k (x_k . w + b)) t,  -1 <= v <= 1,  t >= 0
+
+    with the same optimum (M* = 1 / t*, delta = v / t*). The 2m rows |delta_i| <= M become bounds, so a
+    program has one row per repair input: on a 1280-input head the textbook form's basis has 2,560 norm
+    rows besides the ~150 sign rows, and dual simplex spends most of a neuron's time in them (issue 14).
+    t* = 0 means no finite M: the textbook program is infeasible. (Needs a broken row: r_k > 0 for some k,
+    else t is unbounded and M* = 0.)
+    """
+    x, n, m = problem.inputs, *problem.inputs.shape
+    grid = problem.grid
+    has_bias = repair_bias and (grid is None or grid.bias_step is not None)
+    sign = np.where(problem.float_on, 1.0, -1.0)
+    need = margin - sign * (x @ problem.weights + problem.bias)  # r_k
+    # -s_k (x_k . v + v_b) + r_k t <= 0
+    columns = [-sign[:, None] * x, *([(-sign)[:, None]] if has_bias else []), need[:, None]]
+    p = m + int(has_bias)
+    c = np.zeros(p + 1)
+    c[p] = -1.0
+    return LinearProgram(
+        c=c,
+        a=np.hstack(columns),
+        rhs=np.zeros(n),
+        lower=np.append(np.full(p, -1.0), 0.0),
+        upper=np.append(np.full(p, 1.0), np.inf),
+    )
+
+
+def _solve_paper_ratio(
+    problem: NeuronProblem,
+    config: SolveConfig,
+    margin: float,
+    time_limit: float,
+    options: tuple[tuple[str, str | float | int | bool], ...],
+) -> tuple[ProgramResult, NDArray[np.float64] | None, float]:
+    """The paper's L-infinity program over `problem`'s rows through `paper_ratio_program`: (result, delta, beta).
+
+    result.objective is M. Where the ratio form finds no M > 0 whose change keeps every row (t* = 0: the
+    program is infeasible, or too close to it to trust the division), the textbook program decides.
+    """
+    m = len(problem.weights)
+    sign = np.where(problem.float_on, 1.0, -1.0)
+    signed = sign * (problem.inputs @ problem.weights + problem.bias)
+    if not np.any(signed < margin):  # no row broken: no change is the optimum
+        return ProgramResult(SolveStatus.OPTIMAL, np.zeros(m), 0.0), np.zeros(m), 0.0
+    repair_bias = config.resolved_repair_bias
+    program = paper_ratio_program(problem, repair_bias, margin)
+    result = solve_program(program, config.backend, time_limit, options)
+    if result.z is not None and result.z[-1] > 0:
+        t = float(result.z[-1])
+        delta = result.z[:m] / t
+        beta = float(result.z[m]) / t if len(result.z) > m + 1 else 0.0
+        kept = sign * (problem.inputs @ (problem.weights + delta) + problem.bias + beta)
+        if np.min(kept) >= margin - _RATIO_TOLERANCE:
+            return ProgramResult(result.status, result.z, 1.0 / t, result.solver_status), delta, beta
+    elif result.status in (SolveStatus.TIME_LIMIT, SolveStatus.FEASIBLE):  # out of time, and no M > 0 in hand
+        return ProgramResult(SolveStatus.TIME_LIMIT, None, None, result.solver_status), None, 0.0
+    program, block = neuron_program(problem, Encoding.PAPER, Objective.LINF, repair_bias, margin, split_l1=False)
+    result = solve_program(program, config.backend, time_limit, options)
+    return (result, *block.unpack(result.z)) if result.z is not None else (result, None, 0.0)
+
+
+# how far below the margin a row of a change from the ratio form may end (the textbook program's rows hold
+# to HiGHS's primal feasibility tolerance, 1e-7): more, and the textbook program is solved instead
+_RATIO_TOLERANCE = 1e-6
 
 
 def _initial_rows(signed: NDArray[np.float64], margin: float) -> NDArray[np.bool_]:
