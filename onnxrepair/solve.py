@@ -415,16 +415,17 @@ def solve_neuron(problem: NeuronProblem, config: SolveConfig) -> NeuronSolution:
         options = (("presolve", "off"), *options)
     # the paper's L-infinity program in ratio form (`paper_ratio_program`): same optimum, no norm rows
     ratio = config.structured and config.encoding is Encoding.PAPER and config.resolved_objective is Objective.LINF
+    session = _PaperRatio(problem, config, margin, options) if ratio else None
     rounds = 0
     while True:
         rounds += 1
-        rows_problem = _rows_of(problem, working)
         time_left = max(config.time_limit - (time.perf_counter() - start), 0.01)
-        if ratio:
-            result, delta, beta = _solve_paper_ratio(rows_problem, config, margin, time_left, options)
+        if session is not None:
+            result, change = session.solve(working, time_left)
+            delta, beta = change if change is not None else (None, 0.0)
         else:
             program, block = neuron_program(
-                rows_problem,
+                _rows_of(problem, working),
                 config.encoding,
                 config.resolved_objective,
                 config.resolved_repair_bias,
@@ -486,38 +487,65 @@ def paper_ratio_program(problem: NeuronProblem, repair_bias: bool, margin: float
     )
 
 
-def _solve_paper_ratio(
-    problem: NeuronProblem,
-    config: SolveConfig,
-    margin: float,
-    time_limit: float,
-    options: tuple[tuple[str, str | float | int | bool], ...],
-) -> tuple[ProgramResult, NDArray[np.float64] | None, float]:
-    """The paper's L-infinity program over `problem`'s rows through `paper_ratio_program`: (result, delta, beta).
+class _PaperRatio:
+    """The paper's L-infinity program over a growing set of rows, through `paper_ratio_program`.
 
-    result.objective is M. Where the ratio form finds no M > 0 whose change keeps every row (t* = 0: the
-    program is infeasible, or too close to it to trust the division), the textbook program decides.
+    With HiGHS the program is built once and each round adds its new rows to it, so dual simplex goes on
+    from the last optimal basis (the new rows are what it breaks) instead of starting again; with CBC
+    each round solves the program over all the rows so far.
     """
-    m = len(problem.weights)
-    sign = np.where(problem.float_on, 1.0, -1.0)
-    signed = sign * (problem.inputs @ problem.weights + problem.bias)
-    if not np.any(signed < margin):  # no row broken: no change is the optimum
-        return ProgramResult(SolveStatus.OPTIMAL, np.zeros(m), 0.0), np.zeros(m), 0.0
-    repair_bias = config.resolved_repair_bias
-    program = paper_ratio_program(problem, repair_bias, margin)
-    result = solve_program(program, config.backend, time_limit, options)
-    if result.z is not None and result.z[-1] > 0:
-        t = float(result.z[-1])
-        delta = result.z[:m] / t
-        beta = float(result.z[m]) / t if len(result.z) > m + 1 else 0.0
-        kept = sign * (problem.inputs @ (problem.weights + delta) + problem.bias + beta)
-        if np.min(kept) >= margin - _RATIO_TOLERANCE:
-            return ProgramResult(result.status, result.z, 1.0 / t, result.solver_status), delta, beta
-    elif result.status in (SolveStatus.TIME_LIMIT, SolveStatus.FEASIBLE):  # out of time, and no M > 0 in hand
-        return ProgramResult(SolveStatus.TIME_LIMIT, None, None, result.solver_status), None, 0.0
-    program, block = neuron_program(problem, Encoding.PAPER, Objective.LINF, repair_bias, margin, split_l1=False)
-    result = solve_program(program, config.backend, time_limit, options)
-    return (result, *block.unpack(result.z)) if result.z is not None else (result, None, 0.0)
+
+    def __init__(self, problem: NeuronProblem, config: SolveConfig, margin: float, options: HighsOptions) -> None:
+        self.problem, self.config, self.margin, self.options = problem, config, margin, options
+        self.repair_bias = config.resolved_repair_bias
+        self.sign = np.where(problem.float_on, 1.0, -1.0)
+        self.signed = self.sign * (problem.inputs @ problem.weights + problem.bias)
+        self.held = np.zeros(len(self.sign), dtype=bool)  # rows in the HiGHS model
+        self.highs: highspy.Highs | None = None
+
+    def solve(self, working: NDArray[np.bool_], time_limit: float) -> tuple[ProgramResult, Change | None]:
+        """The optimum over the `working` rows: (result with objective M, (delta, beta) or None)."""
+        m = len(self.problem.weights)
+        if not np.any(self.signed[working] < self.margin):  # no row broken: no change is the optimum
+            return ProgramResult(SolveStatus.OPTIMAL, np.zeros(m), 0.0), (np.zeros(m), 0.0)
+        result = self._solve_ratio(working, time_limit)
+        if result.z is not None and result.z[-1] > 0:
+            t = float(result.z[-1])
+            delta = result.z[:m] / t
+            beta = float(result.z[m]) / t if len(result.z) > m + 1 else 0.0
+            rows = _rows_of(self.problem, working)
+            kept = self.sign[working] * (rows.inputs @ (rows.weights + delta) + rows.bias + beta)
+            if np.min(kept) >= self.margin - _RATIO_TOLERANCE:
+                return ProgramResult(result.status, result.z, 1.0 / t, result.solver_status), (delta, beta)
+        elif result.status in (SolveStatus.TIME_LIMIT, SolveStatus.FEASIBLE):  # out of time, and no M > 0 in hand
+            return ProgramResult(SolveStatus.TIME_LIMIT, None, None, result.solver_status), None
+        # t* = 0 (infeasible, or too close to it to trust the division): the textbook program decides
+        rows = _rows_of(self.problem, working)
+        program, block = neuron_program(
+            rows, Encoding.PAPER, Objective.LINF, self.repair_bias, self.margin, split_l1=False
+        )
+        result = solve_program(program, self.config.backend, time_limit, self.options)
+        return result, block.unpack(result.z) if result.z is not None else None
+
+    def _solve_ratio(self, working: NDArray[np.bool_], time_limit: float) -> ProgramResult:
+        if self.config.backend is not SolverBackend.HIGHS:
+            program = paper_ratio_program(_rows_of(self.problem, working), self.repair_bias, self.margin)
+            return solve_program(program, self.config.backend, time_limit, self.options)
+        added = working & ~self.held
+        program = paper_ratio_program(_rows_of(self.problem, added), self.repair_bias, self.margin)
+        self.held |= added
+        if self.highs is None:
+            self.highs = _highs_model(program, time_limit, self.options)
+        else:
+            start, index, value = _rowwise(program.a)
+            k = len(program.rhs)
+            self.highs.addRows(k, np.full(k, -highspy.kHighsInf), program.rhs, len(index), start, index, value)
+            self.highs.setOptionValue("time_limit", float(time_limit))
+        return _run_highs(self.highs, program.integer)
+
+
+HighsOptions = tuple[tuple[str, str | float | int | bool], ...]
+Change = tuple[NDArray[np.float64], float]
 
 
 # how far below the margin a row of a change from the ratio form may end (the textbook program's rows hold
@@ -717,6 +745,13 @@ def solve_program(
 def _solve_with_highspy(
     program: LinearProgram, time_limit: float, options: tuple[tuple[str, str | float | int | bool], ...]
 ) -> ProgramResult:
+    return _run_highs(_highs_model(program, time_limit, options), program.integer)
+
+
+def _highs_model(
+    program: LinearProgram, time_limit: float, options: tuple[tuple[str, str | float | int | bool], ...]
+) -> highspy.Highs:
+    """A Highs object holding `program`, quiet, on one thread, with `options` applied last."""
     with _native_stdout_silenced():  # the banner is printed when the object is made
         highs = highspy.Highs()
     integer = program.integer if len(program.integer) else np.zeros(len(program.c), dtype=bool)
@@ -733,16 +768,29 @@ def _solve_with_highspy(
     lp.col_upper_ = np.where(np.isinf(program.upper), highspy.kHighsInf, program.upper)
     lp.row_lower_ = np.full(rows, -highspy.kHighsInf)
     lp.row_upper_ = program.rhs
-    row_index, column_index = np.nonzero(program.a)
+    start, index, value = _rowwise(program.a)
     lp.a_matrix_.format_ = highspy.MatrixFormat.kRowwise
     lp.a_matrix_.num_col_, lp.a_matrix_.num_row_ = columns, rows
-    lp.a_matrix_.start_ = np.concatenate([[0], np.cumsum(np.bincount(row_index, minlength=rows))]).astype(np.int32)
-    lp.a_matrix_.index_ = column_index.astype(np.int32)
-    lp.a_matrix_.value_ = program.a[row_index, column_index]
+    lp.a_matrix_.start_ = np.append(start, len(index)).astype(np.int32)
+    lp.a_matrix_.index_ = index
+    lp.a_matrix_.value_ = value
     if integer.any():
         kinds = (highspy.HighsVarType.kContinuous, highspy.HighsVarType.kInteger)
         lp.integrality_ = [kinds[int(whole)] for whole in integer]
     highs.passModel(lp)
+    return highs
+
+
+def _rowwise(a: NDArray[np.float64]) -> tuple[NDArray[np.int32], NDArray[np.int32], NDArray[np.float64]]:
+    """A dense matrix's nonzeros row by row: (each row's first entry, column indices, values)."""
+    row_index, column_index = np.nonzero(a)
+    start = np.concatenate([[0], np.cumsum(np.bincount(row_index, minlength=a.shape[0]))[:-1]])
+    return start.astype(np.int32), column_index.astype(np.int32), a[row_index, column_index]
+
+
+def _run_highs(highs: highspy.Highs, integer: NDArray[np.bool_]) -> ProgramResult:
+    """Run HiGHS on the model it holds (from its last basis, if it has one) and read the outcome."""
+    integer = integer if len(integer) else np.zeros(highs.getNumCol(), dtype=bool)
     highs.run()
     model_status = highs.getModelStatus()
     if model_status == highspy.HighsModelStatus.kUnboundedOrInfeasible:

@@ -117,21 +117,41 @@ def test_an_infeasible_paper_program_is_reported_as_infeasible() -> None:
 
 def test_the_paper_linf_program_solved_has_one_row_per_working_input(monkeypatch: pytest.MonkeyPatch) -> None:
     """No 2m rows |delta_i| <= M: they made the paper's encoding 5x slower than soft on an ImageNet head."""
-    from onnxrepair import solve
+    import highspy
 
     shapes: list[tuple[int, int]] = []
-    real = solve.solve_program
+    real = highspy.Highs.run
 
-    def recording(program, *args, **kwargs):  # type: ignore[no-untyped-def]
-        shapes.append(program.a.shape)
-        return real(program, *args, **kwargs)
+    def recording(self):  # type: ignore[no-untyped-def]
+        shapes.append((self.getNumRow(), self.getNumCol()))
+        return real(self)
 
-    monkeypatch.setattr(solve, "solve_program", recording)
+    monkeypatch.setattr(highspy.Highs, "run", recording)
     problem = head_like_problem(np.random.default_rng(3), 400, 30, integer=False)
     solution = solve_neuron(problem, SolveConfig(encoding=Encoding.PAPER, time_limit=60.0))
     assert solution.status is SolveStatus.OPTIMAL
     assert len(shapes) == solution.rounds
     assert all(rows <= solution.constraints and columns == 30 + 1 for rows, columns in shapes), shapes
+
+
+def test_later_rounds_add_rows_to_the_program_instead_of_building_it_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Dual simplex goes on from the last round's basis: one model passed to HiGHS per neuron."""
+    import highspy
+
+    passed = {"n": 0}
+    real = highspy.Highs.passModel
+
+    def counting(self, *args):  # type: ignore[no-untyped-def]
+        passed["n"] += 1
+        return real(self, *args)
+
+    monkeypatch.setattr(highspy.Highs, "passModel", counting)
+    problem = head_like_problem(np.random.default_rng(5), 2000, 40, integer=False)
+    config = SolveConfig(encoding=Encoding.PAPER, time_limit=60.0)
+    solution = solve_neuron(problem, config)
+    assert solution.rounds > 1 and passed["n"] == 1
+    textbook = solve_neuron(problem, dataclasses.replace(config, structured=False))
+    assert solution.objective == pytest.approx(textbook.objective, rel=1e-6, abs=1e-9)
 
 
 @pytest.mark.parametrize("backend", list(SolverBackend), ids=lambda b: b.value)
@@ -158,12 +178,12 @@ def test_a_ratio_solution_that_breaks_a_row_is_solved_again_in_textbook_form(mon
     """t* close to 0 divides tolerances by t*: a change that does not keep every row is not trusted."""
     from onnxrepair import solve
 
-    real = solve.solve_program
+    real = solve._run_highs
     forms: list[str] = []
 
-    def spoiled(program, *args, **kwargs):  # type: ignore[no-untyped-def]
-        result = real(program, *args, **kwargs)
-        ratio_form = program.c[-1] < 0  # maximise t
+    def spoiled(highs, integer):  # type: ignore[no-untyped-def]
+        result = real(highs, integer)
+        ratio_form = highs.getLp().col_cost_[-1] < 0  # maximise t
         forms.append("ratio" if ratio_form else "textbook")
         if ratio_form and result.z is not None:
             z = result.z.copy()
@@ -171,11 +191,11 @@ def test_a_ratio_solution_that_breaks_a_row_is_solved_again_in_textbook_form(mon
             return dataclasses.replace(result, z=z)
         return result
 
-    monkeypatch.setattr(solve, "solve_program", spoiled)
+    monkeypatch.setattr(solve, "_run_highs", spoiled)
     problem = head_like_problem(np.random.default_rng(4), 300, 20, integer=False)
     config = SolveConfig(encoding=Encoding.PAPER, time_limit=60.0)
     solution = solve_neuron(problem, config)
-    monkeypatch.setattr(solve, "solve_program", real)
+    monkeypatch.setattr(solve, "_run_highs", real)
     textbook = solve_neuron(problem, dataclasses.replace(config, structured=False))
     assert forms[:2] == ["ratio", "textbook"]
     assert solution.status is SolveStatus.OPTIMAL
