@@ -407,14 +407,18 @@ def solve_neuron(problem: NeuronProblem, config: SolveConfig) -> NeuronSolution:
     margin = config.resolved_margin
     sign = np.where(problem.float_on, 1.0, -1.0)
     signed = sign * (problem.inputs @ problem.weights + problem.bias)
+    # the paper's L-infinity program in ratio form (`paper_ratio_program`): same optimum, no norm rows
+    ratio = config.structured and config.encoding is Encoding.PAPER and config.resolved_objective is Objective.LINF
     working = _initial_rows(signed, margin) if config.structured else np.ones(n, dtype=bool)
+    if ratio:
+        # its later rounds go on from the last basis, so rows that might break are cheaper added when they do
+        # (measured on the ImageNet head: a quarter less time than starting with as many of the nearest kept rows)
+        working = signed < margin
     options = config.highs_options
     if config.structured and config.encoding is not Encoding.INTEGER:
         # measured (tools/bench_speed.py): presolve finds nothing to remove in these dense LPs and costs
         # 2-3x the dual simplex itself; MILPs keep it (it tightens the integer bounds)
         options = (("presolve", "off"), *options)
-    # the paper's L-infinity program in ratio form (`paper_ratio_program`): same optimum, no norm rows
-    ratio = config.structured and config.encoding is Encoding.PAPER and config.resolved_objective is Objective.LINF
     session = _PaperRatio(problem, config, margin, options) if ratio else None
     rounds = 0
     while True:

@@ -154,6 +154,27 @@ def test_later_rounds_add_rows_to_the_program_instead_of_building_it_again(monke
     assert solution.objective == pytest.approx(textbook.objective, rel=1e-6, abs=1e-9)
 
 
+def test_the_paper_ratio_program_starts_from_the_broken_rows_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Later rounds are warm-started, so kept rows near the threshold are added only once a solution breaks them."""
+    import highspy
+
+    rows: list[int] = []
+    real = highspy.Highs.run
+
+    def recording(self):  # type: ignore[no-untyped-def]
+        rows.append(self.getNumRow())
+        return real(self)
+
+    monkeypatch.setattr(highspy.Highs, "run", recording)
+    problem = head_like_problem(np.random.default_rng(6), 2000, 40, integer=False)
+    config = SolveConfig(encoding=Encoding.PAPER, time_limit=60.0)
+    solution = solve_neuron(problem, config)
+    sign = np.where(problem.float_on, 1.0, -1.0)
+    broken = sign * (problem.inputs @ problem.weights + problem.bias) < config.resolved_margin
+    assert solution.status is SolveStatus.OPTIMAL and solution.rounds > 1
+    assert rows[0] == broken.sum() and rows[-1] == solution.constraints
+
+
 @pytest.mark.parametrize("backend", list(SolverBackend), ids=lambda b: b.value)
 @pytest.mark.parametrize("repair_bias", [False, True])
 @pytest.mark.parametrize("seed", range(3))
