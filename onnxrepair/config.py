@@ -83,7 +83,8 @@ class SolveConfig:
         backend: the python-mip solver.
         structured: solve each neuron's program the fast way, with the same
             optimum: the L1 norm as a sum of split variables instead of rows,
-            and row generation (the rows that can matter first, then every row
+            the paper's L-infinity program in ratio form (its norm rows as
+            bounds, `solve.paper_ratio_program`), and row generation (the rows that can matter first, then every row
             the solution breaks, until it breaks none). False solves the
             textbook full program, for benchmarks.
         highs_options: extra HiGHS options as (name, value) pairs, applied

@@ -7,7 +7,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from onnxrepair.config import Encoding, Objective, SolveConfig
+from onnxrepair.config import Encoding, Objective, SolveConfig, SolverBackend
 from onnxrepair.solve import NeuronGrid, NeuronProblem, SolveStatus, max_violation, neuron_program, solve_neuron
 
 
@@ -110,3 +110,114 @@ def test_an_infeasible_paper_program_is_reported_as_infeasible() -> None:
         solution = solve_neuron(problem, config)
         assert solution.status is SolveStatus.INFEASIBLE and not solution.solved
         assert "no weight change" in solution.reason
+
+
+# --- the paper's L-infinity program in ratio form (issue 14, item 1) ----------------------------------------
+
+
+def test_the_paper_linf_program_solved_has_one_row_per_working_input(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No 2m rows |delta_i| <= M: they made the paper's encoding 5x slower than soft on an ImageNet head."""
+    import highspy
+
+    shapes: list[tuple[int, int]] = []
+    real = highspy.Highs.run
+
+    def recording(self):  # type: ignore[no-untyped-def]
+        shapes.append((self.getNumRow(), self.getNumCol()))
+        return real(self)
+
+    monkeypatch.setattr(highspy.Highs, "run", recording)
+    problem = head_like_problem(np.random.default_rng(3), 400, 30, integer=False)
+    solution = solve_neuron(problem, SolveConfig(encoding=Encoding.PAPER, time_limit=60.0))
+    assert solution.status is SolveStatus.OPTIMAL
+    assert len(shapes) == solution.rounds
+    assert all(rows <= solution.constraints and columns == 30 + 1 for rows, columns in shapes), shapes
+
+
+def test_later_rounds_add_rows_to_the_program_instead_of_building_it_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Dual simplex goes on from the last round's basis: one model passed to HiGHS per neuron."""
+    import highspy
+
+    passed = {"n": 0}
+    real = highspy.Highs.passModel
+
+    def counting(self, *args):  # type: ignore[no-untyped-def]
+        passed["n"] += 1
+        return real(self, *args)
+
+    monkeypatch.setattr(highspy.Highs, "passModel", counting)
+    problem = head_like_problem(np.random.default_rng(5), 2000, 40, integer=False)
+    config = SolveConfig(encoding=Encoding.PAPER, time_limit=60.0)
+    solution = solve_neuron(problem, config)
+    assert solution.rounds > 1 and passed["n"] == 1
+    textbook = solve_neuron(problem, dataclasses.replace(config, structured=False))
+    assert solution.objective == pytest.approx(textbook.objective, rel=1e-6, abs=1e-9)
+
+
+def test_the_paper_ratio_program_starts_from_the_broken_rows_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Later rounds are warm-started, so kept rows near the threshold are added only once a solution breaks them."""
+    import highspy
+
+    rows: list[int] = []
+    real = highspy.Highs.run
+
+    def recording(self):  # type: ignore[no-untyped-def]
+        rows.append(self.getNumRow())
+        return real(self)
+
+    monkeypatch.setattr(highspy.Highs, "run", recording)
+    problem = head_like_problem(np.random.default_rng(6), 2000, 40, integer=False)
+    config = SolveConfig(encoding=Encoding.PAPER, time_limit=60.0)
+    solution = solve_neuron(problem, config)
+    sign = np.where(problem.float_on, 1.0, -1.0)
+    broken = sign * (problem.inputs @ problem.weights + problem.bias) < config.resolved_margin
+    assert solution.status is SolveStatus.OPTIMAL and solution.rounds > 1
+    assert rows[0] == broken.sum() and rows[-1] == solution.constraints
+
+
+@pytest.mark.parametrize("backend", list(SolverBackend), ids=lambda b: b.value)
+@pytest.mark.parametrize("repair_bias", [False, True])
+@pytest.mark.parametrize("seed", range(3))
+def test_the_ratio_form_has_the_textbook_optimum(backend: SolverBackend, repair_bias: bool, seed: int) -> None:
+    rng = np.random.default_rng(10 + seed)
+    problem = head_like_problem(rng, 300, 20, integer=False)
+    config = SolveConfig(encoding=Encoding.PAPER, repair_bias=repair_bias, backend=backend, time_limit=60.0)
+    textbook = solve_neuron(problem, dataclasses.replace(config, structured=False))
+    ratio = solve_neuron(problem, config)
+    assert ratio.status is textbook.status is SolveStatus.OPTIMAL
+    assert ratio.objective == pytest.approx(textbook.objective, rel=1e-6, abs=1e-9)
+    assert ratio.weight_delta is not None
+    change = np.append(ratio.weight_delta, ratio.bias_delta)
+    assert np.max(np.abs(change)) == pytest.approx(ratio.objective, rel=1e-6)  # M is the largest change
+    assert repair_bias or ratio.bias_delta == 0.0
+    sign = np.where(problem.float_on, 1.0, -1.0)
+    kept = sign * (problem.inputs @ (problem.weights + ratio.weight_delta) + problem.bias + ratio.bias_delta)
+    assert kept.min() >= config.resolved_margin - 1e-6
+
+
+def test_a_ratio_solution_that_breaks_a_row_is_solved_again_in_textbook_form(monkeypatch: pytest.MonkeyPatch) -> None:
+    """t* close to 0 divides tolerances by t*: a change that does not keep every row is not trusted."""
+    from onnxrepair import solve
+
+    real = solve._run_highs
+    forms: list[str] = []
+
+    def spoiled(highs, integer):  # type: ignore[no-untyped-def]
+        result = real(highs, integer)
+        ratio_form = highs.getLp().col_cost_[-1] < 0  # maximise t
+        forms.append("ratio" if ratio_form else "textbook")
+        if ratio_form and result.z is not None:
+            z = result.z.copy()
+            z[:-1] = 0.0  # v = 0 with t > 0: no change, which keeps no broken row
+            return dataclasses.replace(result, z=z)
+        return result
+
+    monkeypatch.setattr(solve, "_run_highs", spoiled)
+    problem = head_like_problem(np.random.default_rng(4), 300, 20, integer=False)
+    config = SolveConfig(encoding=Encoding.PAPER, time_limit=60.0)
+    solution = solve_neuron(problem, config)
+    monkeypatch.setattr(solve, "_run_highs", real)
+    textbook = solve_neuron(problem, dataclasses.replace(config, structured=False))
+    assert forms[:2] == ["ratio", "textbook"]
+    assert solution.status is SolveStatus.OPTIMAL
+    assert solution.objective == pytest.approx(textbook.objective, rel=1e-6, abs=1e-9)

@@ -21,17 +21,19 @@ Three parts, all on the same machine in one run:
    on a local instance with N CPUs), and says whether the two wrote the same
    bytes.
 
-1. ``onnxrepair fix`` as a user runs it (one subprocess per N, default
-   encoding and options): inference, per-neuron solve seconds (median, p90,
-   max), unsolved neurons, total wall time, peak memory (the report's keys),
-   and agreement with the float model on the validation crops.
+1. ``onnxrepair fix`` as a user runs it (one subprocess per N and encoding in
+   ``--encodings``, default ``soft``; e.g. ``--encodings soft,paper`` to time the
+   paper's L-infinity encoding beside it, issue 14; other options default):
+   inference, per-neuron solve seconds (median, p90, max), unsolved neurons,
+   total wall time, peak memory (the report's keys), and agreement with the
+   float model on the validation crops.
 2. The naive full program (every repair input a row, the L1 norm through
    auxiliary rows: the textbook LP, ``--full-lp``) against the structured solve
    (split L1 variables, row generation) on a sample of the head's neurons, one
-   process, one neuron at a time: seconds of each and the objective each
-   reaches, so the speed-up is a ratio measured side by side; and the HiGHS LP
-   method (dual or primal simplex, interior point, presolve) for the
-   structured solve on the same neurons.
+   process, one neuron at a time, for each encoding of ``--encodings``: seconds
+   of each and the objective each reaches, so the speed-up is a ratio measured
+   side by side; and the HiGHS LP method (dual or primal simplex, interior
+   point, presolve) for the structured solve on the same neurons.
 """
 
 from __future__ import annotations
@@ -65,6 +67,7 @@ class FixRun:
     exit_code: int
     report: dict[str, Any] | None
     error: str = ""
+    encoding: str = ""  # head runs: the --encoding given
 
 
 def run_cli_fix(cache: Path, quant: str, tag: str, options: list[str], args: argparse.Namespace) -> FixRun:
@@ -101,12 +104,12 @@ def run_cli_fix(cache: Path, quant: str, tag: str, options: list[str], args: arg
     return FixRun(tag, wall, proc.returncode, loaded, error)
 
 
-def run_fix(cache: Path, neurons: str, args: argparse.Namespace) -> FixRun:
-    """The head with N neurons (every one for "all"), default encoding."""
+def run_fix(cache: Path, neurons: str, encoding: str, args: argparse.Namespace) -> FixRun:
+    """The head with N neurons (every one for "all") under `encoding`."""
     count = "100000" if neurons == "all" else neurons  # more than the layer has: every neuron
-    return dataclasses.replace(
-        run_cli_fix(cache, "quant.onnx", f"n{neurons}", ["--neurons", count], args), label=neurons
-    )
+    options = ["--neurons", count, "--encoding", encoding]
+    run = run_cli_fix(cache, "quant.onnx", f"n{neurons}-{encoding}", options, args)
+    return dataclasses.replace(run, label=neurons, encoding=encoding)
 
 
 def run_whole(cache: Path, quant: str, executor: str, args: argparse.Namespace) -> FixRun:
@@ -156,6 +159,7 @@ def whole_markdown(runs: list[FixRun], args: argparse.Namespace) -> list[str]:
 
 @dataclass
 class Comparison:
+    encoding: str
     neuron: int
     full_seconds: float
     full_objective: float | None
@@ -176,12 +180,14 @@ LP_METHODS = {
 }
 
 
-def compare_naive(cache: Path, sample: int, seed: int, time_limit: float) -> tuple[list[Comparison], float]:
-    """Full program vs row generation on `sample` neurons of the head (every neuron ranked, sampled evenly)."""
+def compare_naive(
+    cache: Path, sample: int, seed: int, time_limit: float, encodings: list[str]
+) -> tuple[list[Comparison], float]:
+    """Full program vs row generation on `sample` neurons of the head, under each of `encodings`."""
     import onnx
 
     from onnxrepair.activity import read_layer_activity
-    from onnxrepair.config import SolveConfig
+    from onnxrepair.config import Encoding, SolveConfig
     from onnxrepair.data import load_array_file
     from onnxrepair.graph import find_layers, input_spec, pair_layer
     from onnxrepair.methods import layer_problems
@@ -197,9 +203,11 @@ def compare_naive(cache: Path, sample: int, seed: int, time_limit: float) -> tup
     inference = time.perf_counter() - started
     rng = np.random.default_rng(seed)
     chosen = sorted(rng.choice(pair.quant_layer.n_out, size=sample, replace=False).tolist())
-    config = SolveConfig(time_limit=time_limit)
     results = []
-    for problem in layer_problems(quant_model, pair, activity, chosen):
+    for encoding, problem in (
+        (encoding, problem) for encoding in encodings for problem in layer_problems(quant_model, pair, activity, chosen)
+    ):
+        config = SolveConfig(encoding=Encoding(encoding), time_limit=time_limit)
         methods = {}
         for label, options in LP_METHODS.items():
             solution = solve_neuron(problem, replace(config, highs_options=options))
@@ -208,6 +216,7 @@ def compare_naive(cache: Path, sample: int, seed: int, time_limit: float) -> tup
         full = solve_neuron(problem, replace(config, structured=False))
         results.append(
             Comparison(
+                encoding,
                 problem.neuron,
                 full.seconds,
                 full.objective,
@@ -220,8 +229,8 @@ def compare_naive(cache: Path, sample: int, seed: int, time_limit: float) -> tup
             )
         )
         print(
-            f"neuron {problem.neuron}: full {full.seconds:.1f} s (objective {full.objective}), rows generated "
-            f"{generated.seconds:.2f} s (objective {generated.objective}, {generated.constraints} rows, "
+            f"{encoding} neuron {problem.neuron}: full {full.seconds:.1f} s (objective {full.objective}), "
+            f"rows generated {generated.seconds:.2f} s (objective {generated.objective}, {generated.constraints} rows, "
             f"{generated.rounds} rounds)",
             file=sys.stderr,
             flush=True,
@@ -273,24 +282,25 @@ def markdown(runs: list[FixRun], comparisons: list[Comparison], args: argparse.N
         f"- versions: {versions()}",
         f"- model and data: `tools/build_imagenet_example.py` -> `{shown_path(args.cache)}` (not committed; "
         f"`build.json` there lists the source photos): {build.get('summary', '')}",
-        f"- each row is one `onnxrepair fix FLOAT QUANT repair.npy --val val.npy --neurons N --jobs {args.jobs}` "
-        "run (default encoding `soft`, metric euclid, the head is the default layer); the columns are the "
+        "- each row is one `onnxrepair fix FLOAT QUANT repair.npy --val val.npy --neurons N --encoding ENCODING "
+        f"--jobs {args.jobs}` run (metric euclid, the head is the default layer; `soft` is the default encoding, "
+        "`paper` the paper's hard sign constraints with an L-infinity objective); the columns are the "
         "report's keys; wall = the subprocess, interpreter start included. No labels exist: agreement = "
         "share of the 500 validation crops whose top-1 class equals the float model's.",
         "",
-        "| N | wall s | inference s | solve s (all neurons) | per-neuron median s | p90 s | max s | unsolved | "
-        "peak memory MB | agreement quant -> repaired | fixed / broken |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| N | encoding | wall s | inference s | solve s (all neurons) | per-neuron median s | p90 s | max s | "
+        "unsolved | peak memory MB | agreement quant -> repaired | fixed / broken |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for run in runs:
         rep = run.report
         if rep is None or run.exit_code not in (0, 1):
-            lines.append(f"| {run.label} | {run.wall_seconds:.1f} | error: {run.error} |||||||||")
+            lines.append(f"| {run.label} | {run.encoding} | {run.wall_seconds:.1f} | error: {run.error} |||||||||")
             continue
         unsolved = rep.get("unsolved") or []
         reasons = sorted({n.get("reason") for lay in rep["layers"] for n in lay["per_neuron"] if n.get("reason")})
         lines.append(
-            f"| {run.label} | {run.wall_seconds:.1f} | {fmt(rep.get('inference_seconds'), 1)} | "
+            f"| {run.label} | {run.encoding} | {run.wall_seconds:.1f} | {fmt(rep.get('inference_seconds'), 1)} | "
             f"{fmt(rep.get('solve_seconds'), 1)} | {fmt(rep.get('solve_seconds_median'), 3)} | "
             f"{fmt(rep.get('solve_seconds_p90'), 3)} | {fmt(rep.get('solve_seconds_max'), 3)} | "
             f"{len(unsolved)}{' (' + '; '.join(reasons) + ')' if reasons else ''} | "
@@ -298,49 +308,60 @@ def markdown(runs: list[FixRun], comparisons: list[Comparison], args: argparse.N
             f"{pct(rep.get('repaired_agreement'))} | {rep.get('fixed')} / {rep.get('broken')} |"
         )
     if comparisons:
-        full = [c.full_seconds for c in comparisons]
-        fast = [c.generated_seconds for c in comparisons]
-        ratios = [c.full_seconds / c.generated_seconds for c in comparisons]
-        lines += [
-            "",
-            f"Naive full program (`--full-lp`) vs the structured solve, {len(comparisons)} neurons of the head "
-            f"sampled with seed {args.seed}, default encoding, one process, the same problem for both "
-            "(1,000 repair crops):",
-            "",
-            "| neuron | full program s | objective | structured s | objective | rows used / all | rounds | speed-up |",
-            "|---|---|---|---|---|---|---|---|",
-        ]
-        for c in comparisons:
-            lines.append(
-                f"| {c.neuron} | {c.full_seconds:.2f} | {fmt(c.full_objective, 6)} | {c.generated_seconds:.3f} | "
-                f"{fmt(c.generated_objective, 6)} | {c.generated_rows} / {c.rows} | {c.rounds} | "
-                f"{c.full_seconds / c.generated_seconds:.0f}x |"
-            )
+        lines += comparison_markdown(comparisons, args)
+    return lines
+
+
+def comparison_markdown(comparisons: list[Comparison], args: argparse.Namespace) -> list[str]:
+    """The full program against the structured solve, and the LP methods, one summary per encoding."""
+    lines = [
+        "",
+        f"Naive full program (`--full-lp`) vs the structured solve, {len({c.neuron for c in comparisons})} neurons "
+        f"of the head sampled with seed {args.seed}, one process, the same problem for both (1,000 repair crops):",
+        "",
+        "| encoding | neuron | full program s | objective | structured s | objective | rows used / all | rounds | "
+        "speed-up |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for c in comparisons:
+        lines.append(
+            f"| {c.encoding} | {c.neuron} | {c.full_seconds:.2f} | {fmt(c.full_objective, 6)} | "
+            f"{c.generated_seconds:.3f} | {fmt(c.generated_objective, 6)} | {c.generated_rows} / {c.rows} | "
+            f"{c.rounds} | {c.full_seconds / c.generated_seconds:.0f}x |"
+        )
+    encodings = list(dict.fromkeys(c.encoding for c in comparisons))
+    lines.append("")
+    for encoding in encodings:
+        chosen = [c for c in comparisons if c.encoding == encoding]
+        ratios = [c.full_seconds / c.generated_seconds for c in chosen]
         diffs = [
             abs(c.full_objective - c.generated_objective) / max(abs(c.full_objective), 1e-12)
-            for c in comparisons
+            for c in chosen
             if c.full_objective is not None and c.generated_objective is not None
         ]
-        lines += [
-            "",
-            f"- median seconds: full {np.median(full):.2f}, structured {np.median(fast):.3f}; "
-            f"median speed-up {np.median(ratios):.0f}x (min {min(ratios):.0f}x); largest relative objective "
-            f"difference {max(diffs, default=float('nan')):.1e}",
-            "",
-            "LP method for the structured solve (HiGHS options, the same sampled neurons, side by side):",
-            "",
-            "| HiGHS setting | median s | max s | largest objective difference to the default |",
-            "|---|---|---|---|",
-        ]
-        default = next(iter(LP_METHODS))
+        lines.append(
+            f"- {encoding}: median seconds full {np.median([c.full_seconds for c in chosen]):.2f}, structured "
+            f"{np.median([c.generated_seconds for c in chosen]):.3f}; median speed-up {np.median(ratios):.0f}x "
+            f"(min {min(ratios):.0f}x); largest relative objective difference {max(diffs, default=float('nan')):.1e}"
+        )
+    lines += [
+        "",
+        "LP method for the structured solve (HiGHS options, the same sampled neurons, side by side):",
+        "",
+        "| encoding | HiGHS setting | median s | max s | largest objective difference to the default |",
+        "|---|---|---|---|---|",
+    ]
+    default = next(iter(LP_METHODS))
+    for encoding in encodings:
+        chosen = [c for c in comparisons if c.encoding == encoding]
         for label in LP_METHODS:
-            seconds = [c.methods[label][0] for c in comparisons]
+            seconds = [c.methods[label][0] for c in chosen]
             gaps = [
                 abs((c.methods[label][1] or 0.0) - (c.methods[default][1] or 0.0))
                 / max(abs(c.methods[default][1] or 0.0), 1e-12)
-                for c in comparisons
+                for c in chosen
             ]
-            lines.append(f"| {label} | {np.median(seconds):.3f} | {max(seconds):.3f} | {max(gaps):.1e} |")
+            lines.append(f"| {encoding} | {label} | {np.median(seconds):.3f} | {max(seconds):.3f} | {max(gaps):.1e} |")
     return lines
 
 
@@ -369,6 +390,11 @@ def main() -> int:
     parser.add_argument("--naive-sample", type=int, default=5, help="neurons for the full-program comparison")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--time-limit", type=float, default=600.0, help="per full program, seconds")
+    parser.add_argument(
+        "--encodings",
+        default="soft",
+        help="encodings of the head runs and the full-program comparison, e.g. soft,paper (default: %(default)s)",
+    )
     parser.add_argument("--fix-args", default="", help="extra options for every fix run")
     parser.add_argument(
         "--whole",
@@ -392,10 +418,11 @@ def main() -> int:
 
     executors = [e.strip() for e in args.executors.split(",") if e.strip()]
     whole = [run_whole(args.cache, q.strip(), e, args) for q in args.whole.split(",") if q.strip() for e in executors]
-    runs = [run_fix(args.cache, n.strip(), args) for n in args.neurons.split(",") if n.strip()]
+    encodings = [e.strip() for e in args.encodings.split(",") if e.strip()]
+    runs = [run_fix(args.cache, n.strip(), e, args) for n in args.neurons.split(",") if n.strip() for e in encodings]
     comparisons: list[Comparison] = []
     if args.naive_sample > 0:
-        comparisons, _ = compare_naive(args.cache, args.naive_sample, args.seed, args.time_limit)
+        comparisons, _ = compare_naive(args.cache, args.naive_sample, args.seed, args.time_limit, encodings)
     lines = markdown(runs, comparisons, args, build)
     if whole:
         lines += ["", *whole_markdown(whole, args)]
