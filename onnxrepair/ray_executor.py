@@ -148,8 +148,9 @@ class RayExecutor:
 
         try:
             for start, values in zip(starts, self._ordered([lambda s=s: submit(s) for s in starts]), strict=True):
-                # Ray hands back read-only views of its object store: copies, as ONNX Runtime gives them here
-                yield start, {name: np.array(value) for name, value in values.items()}
+                # Large outputs are read-only views of Ray's object store, not copies: every reader copies what
+                # it keeps out of a batch (rows, kept tensors) and writes into none of them
+                yield start, values
         except _Died as died:
             raise ResourceError(f"a Ray worker running the {role} model died on every try ({died})") from None
 

@@ -93,7 +93,6 @@ def test_stream_gives_the_batches_a_local_run_gives(local_ray: None, digits: Dig
     assert [start for start, _ in remote] == [0, 16, 32, 48, 64]
     for (_, here), (_, there) in zip(local, remote, strict=True):
         assert np.array_equal(here["logits"], there["logits"])
-        assert there["logits"].flags.writeable  # copies, not views of the object store
     np.testing.assert_array_equal(np.concatenate([v["logits"] for _, v in remote]), run_model(model, digits.x[:70])[0])
 
 

@@ -694,8 +694,8 @@ def section(command: str, rows: list[Row], args, started: str, elapsed: float, d
         f"- versions: {args.versions}",
         *[f"- `{m.name}`: {m.description}" for m in used],
         f"- images: each model's repair set calibrates every quantizer (a seeded subset of {args.calib}, the same "
-        "for all of them) and is what `onnxrepair fix` repairs with (all of it; its guard and search hold out a "
-        "quarter); the validation set is only measured. Accuracy is top-1 on the validation set (— when "
+        "for all of them) and is what `onnxrepair fix` repairs with (all of it; its guard holds out a tenth, "
+        "its search a quarter); the validation set is only measured. Accuracy is top-1 on the validation set (— when "
         "unlabelled), agreement the share of validation inputs whose top-1 class is the float model's, both in "
         "a default ONNX Runtime CPU session.",
         "- quantizers: ORT `quantize_static` QDQ, QUInt8 activations, MinMax, reduce_range off; NNCF "
