@@ -10,7 +10,7 @@ is top-1 agreement with the float model). Run from the repository root::
     python tools/bench_speed.py                          # prints Markdown
     python tools/bench_speed.py --out docs/BENCHMARKS.md # and writes its section there
 
-Three parts, all on the same machine in one run:
+Three parts (four with ``--search-budgets``), all on the same machine in one run:
 
 0. Whole-network repair (``fix --layers all``, issue 11) of each quantized
    model given by ``--whole`` (default: ``quant.onnx``, per-channel u8
@@ -34,6 +34,10 @@ Three parts, all on the same machine in one run:
    of each and the objective each reaches, so the speed-up is a ratio measured
    side by side; and the HiGHS LP method (dual or primal simplex, interior
    point, presolve) for the structured solve on the same neurons.
+3. With ``--search-budgets 60``: the guarded search (``fix --search --budget
+   60``) on ``quant.onnx``, and the same command without ``--search``: peak
+   memory of each (issue 14.6 bounds the search's at 2x the plain run's) and
+   the search's own seconds against its budget.
 """
 
 from __future__ import annotations
@@ -123,6 +127,46 @@ def run_whole(cache: Path, quant: str, executor: str, args: argparse.Namespace) 
         if ours.exists() and local.exists():
             label += ", same bytes as local" if ours.read_bytes() == local.read_bytes() else ", DIFFERENT bytes"
     return dataclasses.replace(run, label=label)
+
+
+def run_search(cache: Path, budget: str, args: argparse.Namespace) -> FixRun:
+    """The guarded search (`--search --budget B`) on `quant.onnx`, its defaults otherwise."""
+    run = run_cli_fix(cache, "quant.onnx", f"search-{budget}", ["--search", "--budget", budget], args)
+    return dataclasses.replace(run, label=budget)
+
+
+def search_markdown(runs: list[FixRun], plain: FixRun | None, args: argparse.Namespace) -> list[str]:
+    """Issue 14.6: the search in bounded memory (against the plain run's peak) and within its budget."""
+    plain_peak = None if plain is None or plain.report is None else plain.report.get("peak_memory_mb")
+    lines = [
+        "### Guarded search (`--search`)",
+        "",
+        f"Each row is one `onnxrepair fix FLOAT quant.onnx repair.npy --val val.npy --search --budget B --jobs "
+        f"{args.jobs}` run; search s = the report's `search_seconds` (the candidates, their spectra, solves and "
+        "held-out scores; the out-of-fold check and the final evaluation come after it); the plain run is the "
+        f"same command without `--search` (the head, default encoding): peak {fmt(plain_peak, 0)} MB.",
+        "",
+        "| budget s | wall s | search s | peak memory MB | peak / plain | configs tried / kept | "
+        "held-out agreement | validation agreement quant -> result | exit |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for run in runs:
+        rep = run.report
+        if rep is None or run.exit_code not in (0, 1):
+            lines.append(f"| {run.label} | {run.wall_seconds:.1f} | error: {run.error} |||||||")
+            continue
+        search = rep.get("search") or {}
+        tried = search.get("tried") or []
+        peak = rep.get("peak_memory_mb")
+        ratio = f"{peak / plain_peak:.2f}x" if peak and plain_peak else "—"
+        before, after = search.get("holdout_before") or {}, search.get("holdout_after") or {}
+        lines.append(
+            f"| {run.label} | {run.wall_seconds:.1f} | {fmt(rep.get('search_seconds'), 1)} | {fmt(peak, 0)} | "
+            f"{ratio} | {len(tried)} / {sum(bool(t.get('kept')) for t in tried)} | "
+            f"{pct(before.get('agreement'))} -> {pct(after.get('agreement'))} | "
+            f"{pct(rep.get('quant_agreement'))} -> {pct(rep.get('repaired_agreement'))} | {run.exit_code} |"
+        )
+    return lines
 
 
 def whole_markdown(runs: list[FixRun], args: argparse.Namespace) -> list[str]:
@@ -406,6 +450,12 @@ def main() -> int:
         default="local",
         help="executors of the whole-network runs, each model once per executor: local, ray (default: %(default)s)",
     )
+    parser.add_argument(
+        "--search-budgets",
+        default="",
+        help="budgets (s) of guarded-search runs on quant.onnx, with one plain run for the memory ratio; "
+        "empty: skip (default)",
+    )
     parser.add_argument("--out", type=Path, help="write the section into this Markdown file")
     args = parser.parse_args()
 
@@ -420,12 +470,17 @@ def main() -> int:
     whole = [run_whole(args.cache, q.strip(), e, args) for q in args.whole.split(",") if q.strip() for e in executors]
     encodings = [e.strip() for e in args.encodings.split(",") if e.strip()]
     runs = [run_fix(args.cache, n.strip(), e, args) for n in args.neurons.split(",") if n.strip() for e in encodings]
+    budgets = [b.strip() for b in args.search_budgets.split(",") if b.strip()]
+    searches = [run_search(args.cache, b, args) for b in budgets]
+    plain = run_cli_fix(args.cache, "quant.onnx", "plain", [], args) if budgets else None
     comparisons: list[Comparison] = []
     if args.naive_sample > 0:
         comparisons, _ = compare_naive(args.cache, args.naive_sample, args.seed, args.time_limit, encodings)
     lines = markdown(runs, comparisons, args, build)
     if whole:
         lines += ["", *whole_markdown(whole, args)]
+    if searches:
+        lines += ["", *search_markdown(searches, plain, args)]
     print("\n".join(lines))
     if args.out:
         write_section(args.out, lines)
