@@ -147,10 +147,9 @@ class RayExecutor:
             return self._run_batch.remote(model_box, role, feed, names, providers_list)
 
         try:
-            for start, values in zip(starts, self._ordered([lambda s=s: submit(s) for s in starts]), strict=True):
-                # Large outputs are read-only views of Ray's object store, not copies: every reader copies what
-                # it keeps out of a batch (rows, kept tensors) and writes into none of them
-                yield start, values
+            # Large outputs are read-only views of Ray's object store, not copies: every reader copies what it
+            # keeps out of a batch (rows, kept tensors) and writes into none of them
+            yield from zip(starts, self._ordered([lambda s=s: submit(s) for s in starts]), strict=True)
         except _Died as died:
             raise ResourceError(f"a Ray worker running the {role} model died on every try ({died})") from None
 
