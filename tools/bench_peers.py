@@ -58,7 +58,6 @@ import datetime as _dt
 import hashlib
 import json
 import os
-import platform
 import shlex
 import subprocess
 import sys
@@ -72,6 +71,9 @@ import numpy as np
 TOOLS = Path(__file__).resolve().parent
 ROOT = TOOLS.parent
 PEER_SCRIPT = TOOLS / "peers" / "peer_quant.py"
+sys.path.insert(0, str(TOOLS))
+
+from bench_quality import machine, pct  # noqa: E402
 
 START = "<!-- tools/bench_peers.py section {}: rewritten when it runs again with --out and these --models -->"
 END = "<!-- end of tools/bench_peers.py section {} -->"
@@ -613,21 +615,6 @@ def summarize(rep: dict, kind: str) -> str:
 
 
 # --------------------------------------------------------------------------- output
-def pct(v: float | None) -> str:
-    return "—" if v is None else f"{100 * v:.2f} %"
-
-
-def machine() -> str:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return f"{platform.platform()}, {cpu}, {cores} cores, Python {platform.python_version()}"
 
 
 def versions(source: str, avail: dict) -> str:
