@@ -229,3 +229,23 @@ def float_model(digits: DigitsExample) -> onnx.ModelProto:
 def quant_model(digits: DigitsExample) -> onnx.ModelProto:
     """A fresh copy of the digits 4-bit QDQ model (tests may modify it)."""
     return onnx.load(str(digits.quant_path))
+
+
+def fix_first_hidden_layer(digits: DigitsExample, **options: object) -> bytes:
+    """The first hidden layer on every digit (1,797 x 64 rows, enough for the solves to fan out), as model bytes."""
+    import onnxrepair
+
+    result = onnxrepair.fix(
+        digits.float_path,
+        digits.quant_path,
+        digits.x,
+        labels=digits.y,
+        val=digits.x[:300],
+        val_labels=digits.y[:300],
+        layers="/fc1/Gemm",
+        encoding="soft",
+        neurons=8,
+        **options,
+    )
+    assert result.model is not None
+    return result.model.SerializeToString()

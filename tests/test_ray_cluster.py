@@ -6,10 +6,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from conftest import DigitsExample
+from conftest import DigitsExample, fix_first_hidden_layer
 from ray.cluster_utils import Cluster
-
-import onnxrepair
 
 
 @pytest.fixture(scope="module")
@@ -21,27 +19,11 @@ def two_nodes() -> Iterator[Cluster]:
     cluster.shutdown()
 
 
-def _fix(digits: DigitsExample, **options: object) -> bytes:
-    result = onnxrepair.fix(
-        digits.float_path,
-        digits.quant_path,
-        digits.x,
-        labels=digits.y,
-        val=digits.x[:300],
-        val_labels=digits.y[:300],
-        layers="/fc1/Gemm",
-        encoding="soft",
-        neurons=8,
-        **options,
-    )
-    assert result.model is not None
-    return result.model.SerializeToString()
-
-
 def test_two_nodes_write_the_model_one_process_writes(two_nodes: Cluster, digits: DigitsExample) -> None:
     import ray
 
-    assert _fix(digits, executor="ray", ray_address=two_nodes.address) == _fix(digits, jobs=1)
+    two_node_bytes = fix_first_hidden_layer(digits, executor="ray", ray_address=two_nodes.address)
+    assert two_node_bytes == fix_first_hidden_layer(digits, jobs=1)
     assert not ray.is_initialized()  # the run left the cluster it joined, and the cluster runs on
     ray.init(address=two_nodes.address, logging_level="ERROR")
     try:

@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 import pytest
 import ray
-from conftest import DigitsExample, run_model
+from conftest import DigitsExample, fix_first_hidden_layer, run_model
 
 import onnxrepair
 from onnxrepair.cli import main
@@ -31,34 +31,16 @@ def local_ray() -> Iterator[None]:
     ray.shutdown()
 
 
-def _fix(digits: DigitsExample, **options: object) -> bytes:
-    """The first hidden layer on every digit: 1,797 x 64 rows, enough for the solves to fan out."""
-    result = onnxrepair.fix(
-        digits.float_path,
-        digits.quant_path,
-        digits.x,
-        labels=digits.y,
-        val=digits.x[:300],
-        val_labels=digits.y[:300],
-        layers="/fc1/Gemm",
-        encoding="soft",
-        neurons=8,
-        **options,
-    )
-    assert result.model is not None
-    return result.model.SerializeToString()
-
-
 def test_ray_writes_the_model_jobs_1_and_jobs_2_write(
     local_ray: None, digits: DigitsExample, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    serial = _fix(digits, jobs=1)
+    serial = fix_first_hidden_layer(digits, jobs=1)
     mapped, streamed = [], []
     monkeypatch.setattr(RayExecutor, "map", _spy(RayExecutor.map, mapped))
     monkeypatch.setattr(RayExecutor, "stream", _spy(RayExecutor.stream, streamed))
-    assert _fix(digits, executor="ray") == serial
+    assert fix_first_hidden_layer(digits, executor="ray") == serial
     assert mapped and streamed  # the solves and the inference really went through Ray
-    assert _fix(digits, jobs=2) == serial
+    assert fix_first_hidden_layer(digits, jobs=2) == serial
 
 
 def _spy(method: object, calls: list[int]) -> object:
