@@ -56,7 +56,6 @@ class RayExecutor:
     def __init__(self, address: str | None = None, jobs: int | None = None, retries: int = DEFAULT_RETRIES) -> None:
         ray = require_ray()
         self._ray = ray
-        self._retries = retries
         self._started = False
         if not ray.is_initialized():
             # workers' own output stays in Ray's log folder: their errors reach the driver as exceptions
