@@ -68,6 +68,22 @@ class LayerActivity:
         same = np.argmax(self.float_pre, axis=1) == np.argmax(self.float_scores, axis=1)
         return bool(np.mean(same) >= 0.99)
 
+    def of_images(self, images: NDArray[np.int64]) -> LayerActivity:
+        """The rows of these images (ascending indices), renumbered as if only they had been read.
+
+        The out-of-fold check reads a layer over all repair images once and takes each fold's
+        part from it, instead of running both models again per fold.
+        """
+        kept = np.isin(self.row_image, images)
+        return LayerActivity(
+            float_scores=None if self.float_scores is None else self.float_scores[images],
+            quant_scores=None if self.quant_scores is None else self.quant_scores[images],
+            float_pre=self.float_pre[kept],
+            quant_pre=self.quant_pre[kept],
+            quant_inputs=self.quant_inputs[kept],
+            row_image=np.searchsorted(images, self.row_image[kept]).astype(np.int64),
+        )
+
     def failing_rows(self) -> NDArray[np.bool_] | None:
         """[r] True for the rows of images on which the two models disagree; None without scores."""
         if self.float_scores is None or self.quant_scores is None:
@@ -108,6 +124,7 @@ def layer_row_batches(
     seed: int = 0,
     scores: bool = True,
     float_rows: NDArray[np.float32] | None = None,
+    float_scores: NDArray[np.float32] | None = None,
     skip: str | None = None,
     executor: Executor | None = None,
 ) -> Iterator[RowBatch]:
@@ -117,7 +134,9 @@ def layer_row_batches(
     per image (seeded by the image's index: the same rows for any batch size).
     Without `scores`, each model runs only as far as the layer (graph.prefix).
     `float_rows`: FLOAT's pre-activation at these very rows, already read
-    (FloatTargets); FLOAT is then not run (and `scores` must be False).
+    (FloatTargets); FLOAT is then not run, so `scores` needs `float_scores`,
+    FLOAT's class scores of `x` (a layer read again after only its own
+    weights changed: FLOAT's side is what it was)
     `skip`: QUANT's other branch of a residual Add after the layer; its rows
     are taken from `float_rows` (then FLOAT's sum): the target is what the
     layer must add to QUANT's skip so that the sum is FLOAT's.
@@ -127,12 +146,13 @@ def layer_row_batches(
     """
     progress = progress or NoProgress()
     f_layer, q_layer = pair.float_layer, pair.quant_layer
-    if float_rows is not None and scores:
-        raise ValueError("FLOAT's rows given: its class scores cannot be read as well")
+    if float_rows is not None and scores and float_scores is None:
+        raise ValueError("FLOAT's rows given: its class scores cannot be read as well, pass them too")
     # integer-operator layers: x and y are read through DequantizeLinear nodes added to the tapped copy
     f_model, _, f_pre = tap_layer(float_model, f_layer)
     q_model, q_in, q_pre = tap_layer(quant_model, q_layer)
-    f_out, q_out = (output_name(float_model), output_name(quant_model)) if scores else (None, None)
+    q_out = output_name(quant_model) if scores else None
+    f_out = output_name(float_model) if scores and float_rows is None else None
     f_names = [f_pre] + ([f_out] if f_out else [])
     q_names = [q_in, q_pre] + ([q_out] if q_out else []) + ([skip] if skip else [])
     q_tapped, q_outputs = _tapped_model(q_model, q_names, whole=scores)
@@ -169,8 +189,12 @@ def layer_row_batches(
                     f_rows = f_rows - _at(q_layer, q_values[skip], image - start, position)
             if fused_relu:
                 q_rows = grouped_linear(rows, weights, bias, q_layer.groups).astype(np.float32)
+            if f_out:
+                f_scores = f_values[f_out].reshape(n, -1)
+            else:
+                f_scores = float_scores[start : start + n] if scores and float_scores is not None else None
             yield RowBatch(
-                float_scores=f_values[f_out].reshape(n, -1) if f_out else None,
+                float_scores=f_scores,
                 quant_scores=q_values[q_out].reshape(n, -1) if q_out else None,
                 float_pre=f_rows,
                 quant_pre=q_rows,
@@ -193,6 +217,7 @@ def read_layer_activity(
     seed: int = 0,
     scores: bool = True,
     float_rows: NDArray[np.float32] | None = None,
+    float_scores: NDArray[np.float32] | None = None,
     skip: str | None = None,
     executor: Executor | None = None,
 ) -> LayerActivity:
@@ -217,6 +242,7 @@ def read_layer_activity(
         seed=seed,
         scores=scores,
         float_rows=float_rows,
+        float_scores=float_scores,
         skip=skip,
         executor=executor,
     )

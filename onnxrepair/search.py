@@ -190,43 +190,76 @@ def search_layer(
     progress: Progress | None = None,
     executor: Executor | None = None,
 ) -> tuple[onnx.ModelProto, list[LayerRepair], list[Trial]]:
-    """Hill-climb over candidate methods for one layer; returns (best model, what it applied, every trial)."""
+    """Hill-climb over candidate methods for one layer; returns (best model, what it applied, every trial).
+
+    Every candidate must finish by `deadline`, its held-out score included: one is started only
+    when the time left covers the longest a candidate has spent outside its solves (at first, the
+    held-out score of QUANT), and its solves stop that long before the deadline. After a kept
+    candidate the layer is read again (QUANT only: FLOAT's side has not changed) only when another
+    candidate could still run after the read.
+    """
     assert config.search is not None
     progress = progress or NoProgress()
     providers = config.providers or None
+    clock = time.perf_counter
+    started = clock()
     best_model, best_score = quant_model, scorer.score(quant_model)
+    overhead = clock() - started  # what a candidate costs besides its solves: scoring, rewriting
     pair = pair_of(best_model)
     name, n_out = pair.float_layer.name, pair.quant_layer.n_out
+    read_started = clock()
     activity = read_layer_activity(float_model, best_model, pair, fit_x, config.batch_size, providers=providers)
+    read_seconds = clock() - read_started
     methods = candidate_methods(n_out, activity.is_output_layer(), config.search)
     applied: list[LayerRepair] = []
     trials = [Trial(name, "unrepaired", best_score, True, 0.0)]
     with progress.task(f"searching {name}", len(methods)) as advance:
         for method in methods:
-            if time.perf_counter() >= deadline:
+            if clock() + overhead >= deadline:  # it could not be scored in time
                 break
-            started = time.perf_counter()
+            trial_started = clock()
             label = method.describe(n_out)
             try:
                 model, outcome = repair_layer(
-                    best_model, pair, activity, method, config.solve, config.seed, deadline=deadline, executor=executor
+                    best_model,
+                    pair,
+                    activity,
+                    method,
+                    config.solve,
+                    config.seed,
+                    deadline=deadline - overhead,
+                    executor=executor,
                 )
             except UnsupportedModelError as exc:
-                trials.append(Trial(name, label, None, False, time.perf_counter() - started, str(exc)))
+                trials.append(Trial(name, label, None, False, clock() - trial_started, str(exc)))
                 continue
             score = scorer.score(model)
             accepted = score.beats(best_score)
-            trials.append(Trial(name, label, score, accepted, time.perf_counter() - started))
+            seconds = clock() - trial_started
+            overhead = max(overhead, seconds - outcome.solve_seconds)
+            trials.append(Trial(name, label, score, accepted, seconds))
             logger.info("%s: %s -> agreement %.4f%s", name, label, score.agreement, " (kept)" * accepted)
-            if accepted:
-                best_model, best_score = model, score
-                applied.append(outcome)
-                # the next candidate starts from the patched model: read its spectra again
-                pair = pair_of(best_model)
-                activity = read_layer_activity(
-                    float_model, best_model, pair, fit_x, config.batch_size, providers=providers
-                )
             advance(1)
+            if not accepted:
+                continue
+            best_model, best_score = model, score
+            applied.append(outcome)
+            if clock() + read_seconds + overhead >= deadline:  # no candidate could follow the read
+                break
+            # the next candidate starts from the patched model: read its spectra again
+            read_started = clock()
+            pair = pair_of(best_model)
+            activity = read_layer_activity(
+                float_model,
+                best_model,
+                pair,
+                fit_x,
+                config.batch_size,
+                providers=providers,
+                float_rows=activity.float_pre,
+                float_scores=activity.float_scores,
+            )
+            read_seconds = clock() - read_started
     return best_model, applied, trials
 
 
@@ -292,8 +325,15 @@ def confirm_methods(
     folds = config.search.confirm_folds
     fold_of = stratified_folds(repair_set.strata, folds, config.seed)
     providers = config.providers or None
-    float_top1 = top1_classes(float_model, repair_set.x, config.batch_size, "FLOAT", providers)
-    quant_top1 = top1_classes(quant_model, repair_set.x, config.batch_size, "QUANT", providers)
+    # The first kept step's layer, read once over every repair image: both models' top-1 classes
+    # and each fold's rows for that step (before: both models again per fold, and two more passes)
+    first = pair_layer(float_model, quant_model, steps[0].pair.float_layer.name)
+    everything = read_layer_activity(
+        float_model, quant_model, first, repair_set.x, config.batch_size, providers=providers, executor=executor
+    )
+    assert everything.float_scores is not None and everything.quant_scores is not None
+    float_top1 = np.argmax(everything.float_scores, axis=1)
+    quant_top1 = np.argmax(everything.quant_scores, axis=1)
     repaired_top1 = quant_top1.copy()
     # each fold costs about what the kept methods cost in the search; neurons not started by then stay unchanged
     deadline = started + max(_MIN_CONFIRM_SECONDS, 2 * folds * sum(step.solve_seconds for step in steps))
@@ -304,11 +344,33 @@ def confirm_methods(
             if len(scored) == 0 or len(fit) == 0:  # fewer images than folds
                 advance(1)
                 continue
+            fit_x = repair_set.subset(fit).x  # not a copy when the rows are on disk
             model = quant_model
-            for step in steps:
-                pair = pair_layer(float_model, model, step.pair.float_layer.name)
-                fit_x = repair_set.subset(fit).x  # not a copy when the rows are on disk
-                activity = read_layer_activity(float_model, model, pair, fit_x, config.batch_size, providers=providers)
+            read, read_all = everything, True  # the last read of the layer, and whether of every image
+            for index, step in enumerate(steps):
+                name = step.pair.float_layer.name
+                pair = pair_layer(float_model, model, name)
+                if index > 0 and name == steps[index - 1].pair.float_layer.name:
+                    # only this layer's weights changed since its last read: FLOAT's side is as it was
+                    read = read_layer_activity(
+                        float_model,
+                        model,
+                        pair,
+                        repair_set.x if read_all else fit_x,
+                        config.batch_size,
+                        providers=providers,
+                        float_rows=read.float_pre,
+                        float_scores=read.float_scores,
+                        executor=executor,
+                    )
+                elif index > 0:
+                    read, read_all = (
+                        read_layer_activity(
+                            float_model, model, pair, fit_x, config.batch_size, providers=providers, executor=executor
+                        ),
+                        False,
+                    )
+                activity = read.of_images(fit) if read_all else read
                 try:
                     model, outcome = repair_layer(
                         model,
