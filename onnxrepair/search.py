@@ -179,6 +179,11 @@ def candidate_methods(n_out: int, output_layer: bool, search: SearchConfig) -> l
     return list(dict.fromkeys(methods))
 
 
+# A candidate is started only when the time left covers this much more than the longest
+# any candidate has spent outside its solves (a held-out score can be slower the next time).
+OVERHEAD_MARGIN = 1.25
+
+
 def search_layer(
     float_model: onnx.ModelProto,
     quant_model: onnx.ModelProto,
@@ -194,7 +199,7 @@ def search_layer(
 
     Every candidate must finish by `deadline`, its held-out score included: one is started only
     when the time left covers the longest a candidate has spent outside its solves (at first, the
-    held-out score of QUANT), and its solves stop that long before the deadline. After a kept
+    held-out score of QUANT), with OVERHEAD_MARGIN, and its solves stop that long before the deadline. After a kept
     candidate the layer is read again (QUANT only: FLOAT's side has not changed) only when another
     candidate could still run after the read.
     """
@@ -204,7 +209,8 @@ def search_layer(
     clock = time.perf_counter
     started = clock()
     best_model, best_score = quant_model, scorer.score(quant_model)
-    overhead = clock() - started  # what a candidate costs besides its solves: scoring, rewriting
+    # what a candidate costs besides its solves (scoring, rewriting), with room for a slower score
+    overhead = OVERHEAD_MARGIN * (clock() - started)
     pair = pair_of(best_model)
     name, n_out = pair.float_layer.name, pair.quant_layer.n_out
     read_started = clock()
@@ -236,7 +242,7 @@ def search_layer(
             score = scorer.score(model)
             accepted = score.beats(best_score)
             seconds = clock() - trial_started
-            overhead = max(overhead, seconds - outcome.solve_seconds)
+            overhead = max(overhead, OVERHEAD_MARGIN * (seconds - outcome.solve_seconds))
             trials.append(Trial(name, label, score, accepted, seconds))
             logger.info("%s: %s -> agreement %.4f%s", name, label, score.agreement, " (kept)" * accepted)
             advance(1)
