@@ -23,6 +23,7 @@ This module knows ONNX and ONNX Runtime; it returns plain arrays.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -55,20 +56,30 @@ _KEPT_TYPES = {
 }
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class LayerInput:
-    """How a layer's input is read from the kept tensors: `tensor`, dequantized when `scale` is set."""
+    """How a layer's input is read from the kept tensors: `tensor`, dequantized when `scale` is set
+    (per tensor, or per channel along `axis` as NNCF quantizes some activations)."""
 
     tensor: str
-    scale: float | None = None
-    zero_point: float = 0.0
+    scale: float | NDArray[np.float32] | None = None
+    zero_point: float | NDArray[np.float32] = 0.0
+    axis: int = 1
 
     def read(self, kept: Kept, start: int, stop: int) -> NDArray[np.float32]:
         """Images start:stop of the layer's input, as the real numbers the quantized model computes with."""
         values = kept[self.tensor][start:stop]
         if self.scale is None:
             return np.asarray(values, np.float32)
-        return (values.astype(np.float32) - np.float32(self.zero_point)) * np.float32(self.scale)
+        scale, zero = self._along(self.scale, values.ndim), self._along(self.zero_point, values.ndim)
+        return (values.astype(np.float32) - zero) * scale
+
+    def _along(self, value: float | NDArray[np.float32], ndim: int) -> np.float32 | NDArray[np.float32]:
+        if np.ndim(value) == 0:
+            return np.float32(value)
+        shape = [1] * ndim
+        shape[self.axis % ndim] = -1
+        return np.asarray(value, np.float32).reshape(shape)
 
 
 @dataclass(frozen=True)
@@ -81,6 +92,9 @@ class Segments:
         inputs: for each layer, how its input is read from the tensors crossing its cut.
         skips: for a layer followed by a residual Add, how the Add's other branch is read there.
         types: the type and shape (batch left free) of every tensor that crosses a cut or is an output.
+        constants: the nodes computed from initializers alone (Constant nodes, a weight's Q), by output:
+            never kept per image, each segment that reads one computes it itself (NNCF's graphs share
+            one Constant as the bound of every Clip).
     """
 
     order: list[int]
@@ -90,6 +104,7 @@ class Segments:
     graph_input: str
     outputs: list[str]
     types: dict[str, onnx.ValueInfoProto]
+    constants: dict[str, int] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def plan(
@@ -109,9 +124,11 @@ class Segments:
         position = {index: at for at, index in enumerate(order)}
         by_name = {node.name: i for i, node in enumerate(nodes) if node.name}
         producer = {out: i for i, node in enumerate(nodes) for out in node.output}
-        inits = initializers(model)
+        inits = {**initializers(model), **_constant_values(model)}  # NNCF's scales are Constant nodes
         types = _value_infos(model)
-        plan = cls(order, [], [], [], input_spec(model).name, [o.name for o in model.graph.output], types)
+        constants = {name: producer[name] for name in constant if name in producer}
+        outputs = [o.name for o in model.graph.output]
+        plan = cls(order, [], [], [], input_spec(model).name, outputs, types, constants)
         for layer, skip_tensor in zip(layers, [*skips, *[None] * (len(layers) - len(skips))], strict=True):
             if layer.name not in by_name:
                 return None
@@ -135,8 +152,6 @@ class Segments:
             crossing = plan.crossing(model, cut)
             if any(name not in types or types[name].type.tensor_type.elem_type not in _KEPT_TYPES for name in crossing):
                 return None  # no type known, or one numpy cannot hold (ONNX Runtime returns no int4 array)
-            if constant & set(crossing):
-                return None  # kept tensors are per image; a constant crossing would be cut into images
             if plan.kept_bytes(crossing) * images > MAX_KEPT_BYTES:
                 return None
         return plan
@@ -148,7 +163,7 @@ class Segments:
         for index in self.order[:cut]:
             produced.update(nodes[index].output)
         needed = {name for index in self.order[cut:] for name in nodes[index].input} | set(self.outputs)
-        return sorted(produced & needed)
+        return sorted((produced & needed) - self.constants.keys())
 
     def kept_bytes(self, names: Sequence[str]) -> int:
         """Bytes per image of these tensors (their batch dimension left out)."""
@@ -162,7 +177,7 @@ class Segments:
 
     def segment(self, model: onnx.ModelProto, start: int, end: int | None, outputs: Sequence[str]) -> onnx.ModelProto:
         """`model`'s nodes order[start:end] as a model from the tensors crossing `start` to `outputs`."""
-        nodes = [model.graph.node[index] for index in self.order[start:end]]
+        nodes = [model.graph.node[index] for index in self._with_constants(model, self.order[start:end])]
         produced = {out for node in nodes for out in node.output}
         consumed = {name for node in nodes for name in node.input if name}
         inits = {t.name: t for t in model.graph.initializer}
@@ -176,6 +191,26 @@ class Segments:
             [inits[name] for name in sorted(consumed & set(inits))],
         )
         return onnx.helper.make_model(graph, opset_imports=model.opset_import, ir_version=model.ir_version)
+
+    def _with_constants(self, model: onnx.ModelProto, indices: Sequence[int]) -> list[int]:
+        """`indices` after the constant nodes they read that they do not compute, producers first."""
+        inside = set(indices)
+        added: list[int] = []
+
+        def add(index: int) -> None:
+            if index in inside:
+                return
+            inside.add(index)
+            for name in model.graph.node[index].input:
+                if name in self.constants:
+                    add(self.constants[name])
+            added.append(index)
+
+        for index in indices:
+            for name in model.graph.node[index].input:
+                if name in self.constants:
+                    add(self.constants[name])
+        return [*added, *indices]
 
     def advance(
         self,
@@ -273,18 +308,37 @@ def _readable(
     if producer_of_data is not None and position[producer_of_data] >= cut:
         return None
     zero = node.input[2] if len(node.input) > 2 and node.input[2] else None
-    return _dequantized(node.input[0], node.input[1], zero, inits)
+    axis = next((attribute.i for attribute in node.attribute if attribute.name == "axis"), 1)
+    return _dequantized(node.input[0], node.input[1], zero, inits, axis)
 
 
-def _dequantized(tensor: str, scale: str, zero: str | None, inits: dict[str, onnx.TensorProto]) -> LayerInput | None:
-    """A per-tensor dequantization with constant scale and zero point; None otherwise (dynamic: per batch)."""
+def _dequantized(
+    tensor: str, scale: str, zero: str | None, inits: dict[str, onnx.TensorProto], axis: int = 1
+) -> LayerInput | None:
+    """A dequantization with constant scale and zero point, per tensor or per channel along `axis`; None
+    otherwise (dynamic quantization computes the scale from each batch)."""
     if scale not in inits or (zero is not None and zero not in inits):
         return None
-    scale_value = numpy_helper.to_array(inits[scale])
-    if scale_value.size != 1:
+    scale_value = numpy_helper.to_array(inits[scale]).astype(np.float32).reshape(-1)
+    zero_value = numpy_helper.to_array(inits[zero]).astype(np.float32).reshape(-1) if zero else np.zeros(1, np.float32)
+    if scale_value.size == 1 and zero_value.size == 1:
+        return LayerInput(tensor, float(scale_value[0]), float(zero_value[0]))
+    if zero_value.size == 1:
+        zero_value = np.full_like(scale_value, zero_value[0])
+    if zero_value.size != scale_value.size:
         return None
-    zero_value = float(numpy_helper.to_array(inits[zero]).reshape(-1)[0]) if zero else 0.0
-    return LayerInput(tensor, float(scale_value.reshape(-1)[0]), zero_value)
+    return LayerInput(tensor, scale_value, zero_value, axis)
+
+
+def _constant_values(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
+    """The tensors of the graph's Constant nodes (those holding a tensor `value`), by output name."""
+    values = {}
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+            for attribute in node.attribute:
+                if attribute.name == "value":
+                    values[node.output[0]] = attribute.t
+    return values
 
 
 def _deferred_order(nodes: list[onnx.NodeProto], graph_input: str) -> tuple[list[int], set[int], set[str]]:
