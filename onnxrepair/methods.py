@@ -380,13 +380,7 @@ def _solve(
         inputs = activity.quant_inputs.astype(np.float64)
         grids: list[NeuronGrid | None] = [_neuron_grid(grid, j) for j in selected]
         joint = LogitProblem(selected, weights, bias, inputs, targets, grids)
-        size = logit_program_bytes(joint)
-        if size > MAX_LOGIT_PROGRAM_BYTES:
-            raise UnsupportedModelError(
-                f"--encoding logit over {len(selected)} of the {weights.shape[0]} classes of "
-                f"'{pair.float_layer.name}' with {len(inputs)} repair inputs would be a {size / 2**30:.1f} GB program; "
-                "select fewer neurons (--neurons) or use another encoding"
-            )
+        check_logit_size(joint, pair.float_layer.name)
         with progress.task("solving (joint)", 1) as advance:
             solutions = solve_logit(joint, _within(config, deadline))
             advance(1)
@@ -433,7 +427,21 @@ def _map_solves(
 _FAN_OUT_MIN_INPUTS = 100_000  # repair inputs x layer inputs
 # The joint class-score program is a dense matrix (one row per input and competing class): on an ImageNet
 # head it would take terabytes (issue 14: the search was killed for memory). Larger ones are refused.
-MAX_LOGIT_PROGRAM_BYTES = 2**30
+# Solving one takes about 3x its matrix (measured: a 3.0 GB matrix raised the peak by 8.6 GB), so at
+# 512 MB it adds at most ~1.5 GB; at 1 GB a search on EfficientNet-Lite0's head peaked at 2.06x the
+# plain run's memory (issue 14.6 bounds it at 2x).
+MAX_LOGIT_PROGRAM_BYTES = 2**29
+
+
+def check_logit_size(joint: LogitProblem, layer: str) -> None:
+    """Refuse a joint class-score program whose matrix would exceed MAX_LOGIT_PROGRAM_BYTES."""
+    size = logit_program_bytes(joint)
+    if size > MAX_LOGIT_PROGRAM_BYTES:
+        raise UnsupportedModelError(
+            f"--encoding logit over {len(joint.neurons)} of the {joint.weights.shape[0]} classes of "
+            f"'{layer}' with {len(joint.inputs)} repair inputs would be a {size / 2**30:.1f} GB program; "
+            "select fewer neurons (--neurons) or use another encoding"
+        )
 
 
 def layer_problems(
