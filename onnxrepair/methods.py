@@ -427,10 +427,10 @@ def _map_solves(
 _FAN_OUT_MIN_INPUTS = 100_000  # repair inputs x layer inputs
 # The joint class-score program is a dense matrix (one row per input and competing class): on an ImageNet
 # head it would take terabytes (issue 14: the search was killed for memory). Larger ones are refused.
-# Solving one takes about 3x its matrix (measured: a 3.0 GB matrix raised the peak by 8.6 GB), so at
-# 512 MB it adds at most ~1.5 GB; at 1 GB a search on EfficientNet-Lite0's head peaked at 2.06x the
-# plain run's memory (issue 14.6 bounds it at 2x).
-MAX_LOGIT_PROGRAM_BYTES = 2**29
+# Solving one takes about 3x its matrix (measured: a 3.0 GB matrix raised the peak by 8.6 GB); at 1 GB
+# and at 512 MB the 120 s search on EfficientNet-Lite0's head peaked at 2.06-2.07x the plain run's
+# memory (issue 14.6 bounds it at 2x), a joint program over 5 of its classes being the largest step.
+MAX_LOGIT_PROGRAM_BYTES = 2**28
 
 
 def check_logit_size(joint: LogitProblem, layer: str) -> None:
