@@ -294,7 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--budget",
         type=_positive_float,
         default=SearchConfig.budget,
-        help="search time budget in seconds (default: %(default)g)",
+        help="seconds for the search's candidates, each scored before it runs out (default: %(default)g); "
+        "the out-of-fold check and the validation come after it",
     )
     search_group.add_argument(
         "--holdout-fraction",

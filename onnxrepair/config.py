@@ -123,7 +123,10 @@ class SearchConfig:
     """The guarded search over repair configurations (Algorithm 1's "otherwise try other combinations").
 
     Attributes:
-        budget: seconds after which the search stops with the best model so far.
+        budget: seconds for the candidates: none is started that could not be scored within
+            it, and the search stops with the best model so far. The out-of-fold check comes
+            after it: cut to fit a budget, it would be weakest on the large models where a
+            wrong model costs most.
         neuron_counts: the values of N tried ("all neurons" is always tried).
         confirm_folds: before a model is written, the kept methods are
             cross-validated over the whole repair set with this many folds
