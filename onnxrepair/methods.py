@@ -480,10 +480,11 @@ def solve_before(
     """Solve one neuron unless the deadline (a time.time() value, valid across processes) has passed."""
     if wall_deadline is not None:
         left = wall_deadline - time.time()
-        if left <= 0:
+        if left <= _MIN_SOLVE_SECONDS:
             reason = "the search budget ran out"
             return NeuronSolution(problem.neuron, SolveStatus.TIME_LIMIT, None, None, 0.0, 0, reason)
-        config = dataclasses.replace(config, time_limit=min(config.time_limit, max(left, 1.0)))
+        # never past the deadline: a solve given a second when 0.1 s was left took the 120 s search to 120.1 s
+        config = dataclasses.replace(config, time_limit=min(config.time_limit, left))
     if isinstance(problem, FitProblem):
         return solve_fit(problem, config)
     return solve_neuron(problem, config)
@@ -512,9 +513,13 @@ def _neuron_grid(grid: LayerGrid, j: int) -> NeuronGrid:
     )
 
 
+# A neuron is not started with less time than this left before the deadline: it could not finish.
+_MIN_SOLVE_SECONDS = 0.05
+
+
 def _within(config: SolveConfig, deadline: float | None) -> SolveConfig:
     """The config with its time limit cut to what is left before the deadline."""
     if deadline is None:
         return config
-    left = max(deadline - time.perf_counter(), 1.0)
+    left = max(deadline - time.perf_counter(), _MIN_SOLVE_SECONDS)
     return dataclasses.replace(config, time_limit=min(config.time_limit, left))

@@ -158,3 +158,23 @@ def test_the_rows_of_some_images_are_those_images_rows(cnn: dict[str, Path]) -> 
         np.testing.assert_array_equal(part.quant_inputs[mine], everything.quant_inputs[theirs])
         np.testing.assert_array_equal(part.float_pre[mine], everything.float_pre[theirs])
         np.testing.assert_array_equal(part.quant_pre[mine], everything.quant_pre[theirs])
+
+
+def test_a_neuron_solve_never_runs_past_the_deadline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before, a neuron started with 0.1 s left was given a full second (the 120 s search ended at 120.1 s)."""
+    import time
+
+    from onnxrepair import methods
+    from onnxrepair.config import SolveConfig
+    from onnxrepair.solve import SolveStatus
+
+    limits: list[float] = []
+    monkeypatch.setattr(methods, "solve_neuron", lambda problem, config: limits.append(config.time_limit) or "solved")
+    problem = types.SimpleNamespace(neuron=3)
+    config = SolveConfig(time_limit=60.0)
+
+    assert methods.solve_before(problem, config, time.time() + 0.4) == "solved"  # type: ignore[arg-type]
+    assert 0.0 < limits[0] <= 0.4
+    late = methods.solve_before(problem, config, time.time() + 0.01)  # type: ignore[arg-type]
+    assert late.status is SolveStatus.TIME_LIMIT and "budget" in late.reason and len(limits) == 1
+    assert methods.solve_before(problem, config, None) == "solved" and limits[1] == 60.0  # type: ignore[arg-type]
