@@ -381,6 +381,9 @@ def _solve(
         grids: list[NeuronGrid | None] = [_neuron_grid(grid, j) for j in selected]
         joint = LogitProblem(selected, weights, bias, inputs, targets, grids)
         check_logit_size(joint, pair.float_layer.name)
+        if deadline is not None and time.perf_counter() >= deadline:
+            reason = "the search budget ran out"
+            return [NeuronSolution(j, SolveStatus.TIME_LIMIT, None, None, 0.0, 0, reason) for j in selected]
         with progress.task("solving (joint)", 1) as advance:
             solutions = solve_logit(joint, _within(config, deadline))
             advance(1)

@@ -272,7 +272,10 @@ def _repair(
             reader.moved_on(current, position, took)
             advance_layers(1)
     holdout_after = scorer.score(current) if scorer is not None else None
-    improved = holdout_before is None or (holdout_after is not None and holdout_after.improves_on(holdout_before))
+    # a model where nothing was kept is QUANT: never "improved", however two sessions' last bits differ
+    improved = bool(layers) and (
+        holdout_before is None or (holdout_after is not None and holdout_after.improves_on(holdout_before))
+    )
     confirmation = None
     if improved and config.search is not None and config.search.confirm_folds > 0:
         confirmation = confirm_methods(float_model, quant_model, layers, repair_set, config, progress, executor)

@@ -360,6 +360,8 @@ def confirm_methods(
     progress = progress or NoProgress()
     started = time.perf_counter()
     folds = config.search.confirm_folds
+    if not steps:  # nothing was kept: nothing to confirm
+        return Confirmation(folds, 0, 0, None, None, 1.0, False, 0.0)
     fold_of = stratified_folds(repair_set.strata, folds, config.seed)
     providers = config.providers or None
     # The first kept step's layer, read once over every repair image: both models' top-1 classes

@@ -135,3 +135,26 @@ def test_confirmation_with_fewer_images_than_folds(digits_run) -> None:  # type:
     tiny = repair_set.subset(np.arange(2))  # 3 folds: one of them is empty
     check = confirm_methods(float_model, quant_model, result.layers, tiny, dataclasses.replace(config))
     assert check.folds == 3 and check.fixed + check.broken <= 2
+
+
+def test_nothing_kept_is_nothing_confirmed(digits_run) -> None:  # type: ignore[no-untyped-def]
+    """No kept step: no fold is read or solved, and the check does not pass (it raised IndexError)."""
+    float_model, quant_model, repair_set, config, _ = digits_run
+    check = confirm_methods(float_model, quant_model, [], repair_set, config)
+    assert not check.confirmed and check.fixed == check.broken == 0 and check.p_value == 1.0
+
+
+def test_a_search_that_keeps_nothing_writes_nothing_even_if_a_rescore_differs(  # type: ignore[no-untyped-def]
+    digits_run, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two sessions of QUANT can differ in their last bits (another provider): an unchanged QUANT must not
+    read as 'closer to FLOAT' and be written, or go on to an out-of-fold check of nothing."""
+    import onnxrepair.repair as repair_module
+    from onnxrepair.search import HoldoutScorer, Score
+
+    float_model, quant_model, repair_set, config, _ = digits_run
+    scores = iter([Score(0.9, 0.8, 0.2000002), Score(0.9, 0.8, 0.2000001)])  # QUANT twice, "closer" the 2nd time
+    monkeypatch.setattr(HoldoutScorer, "score", lambda self, model: next(scores))
+    monkeypatch.setattr(repair_module, "search_layer", lambda float_m, quant_m, *args, **kw: (quant_m, [], []))
+    result = repair(float_model, quant_model, repair_set, repair_set, config)
+    assert result.model is None and result.layers == [] and result.confirmation is None

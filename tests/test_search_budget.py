@@ -178,3 +178,23 @@ def test_a_neuron_solve_never_runs_past_the_deadline(monkeypatch: pytest.MonkeyP
     late = methods.solve_before(problem, config, time.time() + 0.01)  # type: ignore[arg-type]
     assert late.status is SolveStatus.TIME_LIMIT and "budget" in late.reason and len(limits) == 1
     assert methods.solve_before(problem, config, None) == "solved" and limits[1] == 60.0  # type: ignore[arg-type]
+
+
+def test_a_joint_program_is_not_started_after_the_deadline(digits) -> None:  # type: ignore[no-untyped-def]
+    """The out-of-fold check passes its deadline to every step: a logit step past it solved with a
+    0.05 s limit instead of being left out (a neuron's solve in the same place was left out)."""
+    import time
+
+    from onnxrepair.config import Encoding, Metric, SolveConfig
+    from onnxrepair.methods import Method, repair_layer
+    from onnxrepair.solve import SolveStatus
+
+    float_model, quant = onnx.load(str(digits.float_path)), onnx.load(str(digits.quant_path))
+    pair = pair_layer(float_model, quant, None)
+    activity = read_layer_activity(float_model, quant, pair, digits.x[:200], 64)
+    method = Method(Encoding.LOGIT, Metric.EUCLID, 3)
+    late = time.perf_counter() - 1.0
+    model, outcome = repair_layer(quant, pair, activity, method, SolveConfig(), deadline=late)
+    assert outcome.solutions and all(s.status is SolveStatus.TIME_LIMIT for s in outcome.solutions)
+    assert all("budget" in s.reason for s in outcome.solutions)
+    assert sum(outcome.rewrite.changed.values()) == 0
