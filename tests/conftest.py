@@ -131,6 +131,37 @@ def run_model(model: onnx.ModelProto, x: np.ndarray, outputs: list[str] | None =
     return session.run(outputs, {session.get_inputs()[0].name: x})
 
 
+def check_kept_rows(
+    float_model: onnx.ModelProto, quant: onnx.ModelProto, pairs: list, x: np.ndarray, pre_tolerance: float
+) -> None:
+    """Segments: each layer's rows read from the tensors kept at its cut are the rows read from the model
+    input (QUANT's pre-activation within `pre_tolerance` of its largest value), and the segments chained to
+    the end give QUANT's own output."""
+    import functools
+
+    from onnxrepair.activity import kept_activity, read_layer_activity
+    from onnxrepair.graph import layer_parameters
+    from onnxrepair.segments import Segments
+
+    plan = Segments.plan(quant, [pair.quant_layer for pair in pairs], len(x))
+    assert plan is not None
+    kept = plan.start(quant, x, 8, None)
+    for position, pair in enumerate(pairs):
+        layer = pair.quant_layer
+        direct = read_layer_activity(float_model, quant, pair, x, 8, positions_per_image=3, seed=1, scores=False)
+        w, b = layer_parameters(quant, layer)
+        read = functools.partial(plan.inputs[position].read, kept)
+        from_kept = kept_activity(layer, read, len(x), direct.float_pre, w, b, 8, positions_per_image=3, seed=1)
+        np.testing.assert_allclose(from_kept.quant_inputs, direct.quant_inputs, atol=1e-6)
+        largest = np.max(np.abs(direct.quant_pre))
+        assert np.max(np.abs(from_kept.quant_pre - direct.quant_pre)) <= pre_tolerance * largest
+        if position + 1 < len(plan.cuts):
+            kept, _ = plan.advance(quant, kept, plan.cuts[position], plan.cuts[position + 1], 8, None)
+    final, _ = plan.advance(quant, kept, plan.cuts[-1], None, 8, None)
+    output = quant.graph.output[0].name
+    np.testing.assert_allclose(final[output], run_model(quant, x)[0], rtol=1e-5, atol=1e-5)
+
+
 def tap(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
     """A copy of `model` that also outputs `names` (written here, not with onnxrepair.graph)."""
     import copy

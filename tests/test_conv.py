@@ -8,14 +8,13 @@ asymmetric uint8), QOperator and dynamic form by ONNX Runtime here.
 
 from __future__ import annotations
 
-import functools
 import json
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
-from conftest import check_full, run_model, tap
+from conftest import check_full, check_kept_rows, run_model, tap
 from conv_models import CONV_LAYERS, FLAVOURS, build_cnn, quantize_cnn
 from hypothesis import given
 from hypothesis import strategies as st
@@ -371,35 +370,10 @@ def test_float_targets_line_up_with_the_layers_rows(cnn: dict[str, Path]) -> Non
 @pytest.mark.parametrize("flavour", ["qdq_s8_tensor", "qdq_s4_channel", "qop_s8_channel"])
 def test_kept_tensors_give_the_rows_the_model_input_gives(cnn: dict[str, Path], flavour: str) -> None:
     """Segments: each layer's rows from the tensors kept at its cut are the rows read from the model input."""
-    from onnxrepair.activity import kept_activity
-    from onnxrepair.segments import Segments
-
     float_model, quant = onnx.load(str(cnn["float"])), onnx.load(str(cnn[flavour]))
     pairs = [pair_layer(float_model, quant, name) for name in CONV_LAYERS]
-    x = images(cnn["repair"], 30).x
-    plan = Segments.plan(quant, [pair.quant_layer for pair in pairs], len(x))
-    assert plan is not None
-    kept = plan.start(quant, x, 8, None)
-    for position, pair in enumerate(pairs):
-        layer = pair.quant_layer
-        direct = read_layer_activity(float_model, quant, pair, x, 8, positions_per_image=3, seed=1, scores=False)
-        w, b = layer_parameters(quant, layer)
-        read = functools.partial(plan.inputs[position].read, kept)
-        from_kept = kept_activity(layer, read, len(x), direct.float_pre, w, b, 8, positions_per_image=3, seed=1)
-        np.testing.assert_allclose(from_kept.quant_inputs, direct.quant_inputs, atol=1e-6)
-        # QOperator: ONNX Runtime requantizes y with its integer kernels (saturating on CPUs without VNNI)
-        scale = np.max(np.abs(direct.quant_pre))
-        assert (
-            np.max(np.abs(from_kept.quant_pre - direct.quant_pre))
-            <= (0.06 if flavour.startswith("qop") else 1e-4) * scale
-        )
-        following = plan.cuts[position + 1] if position + 1 < len(plan.cuts) else None
-        if following is not None:
-            kept, _ = plan.advance(quant, kept, plan.cuts[position], following, 8, None)
-    # the segments chained to the end give QUANT's own class scores
-    final, _ = plan.advance(quant, kept, plan.cuts[-1], None, 8, None)
-    (expected,) = run_model(quant, x)
-    np.testing.assert_allclose(final["logits"], expected, rtol=1e-5, atol=1e-5)
+    # QOperator: ONNX Runtime requantizes y with its integer kernels (saturating on CPUs without VNNI)
+    check_kept_rows(float_model, quant, pairs, images(cnn["repair"], 30).x, 0.06 if flavour.startswith("qop") else 1e-4)
 
 
 def test_whole_network_reads_kept_tensors_and_matches_reading_from_the_input(

@@ -8,18 +8,15 @@ The model here has both, built by hand in that form (NNCF itself is not needed).
 
 from __future__ import annotations
 
-import functools
-
 import numpy as np
 import onnx
 import pytest
-from conftest import run_model
+from conftest import check_kept_rows, run_model
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxrepair.activity import kept_activity, read_layer_activity
 from onnxrepair.config import ALL_NEURONS, Encoding, RepairConfig, SolveConfig
 from onnxrepair.data import ImageSet
-from onnxrepair.graph import find_layers, layer_parameters, pair_layer
+from onnxrepair.graph import find_layers, pair_layer
 from onnxrepair.repair import repair
 from onnxrepair.segments import Segments
 
@@ -133,19 +130,7 @@ def test_a_plan_is_made_and_its_rows_are_the_model_inputs(nncf_like) -> None:  #
     assert plan is not None  # before: None (the Clip bounds crossed the cuts; a per-channel DequantizeLinear)
     assert not {"clip_low", "clip_high"} & {name for cut in plan.cuts for name in plan.crossing(quant, cut)}
     assert np.ndim(plan.inputs[1].scale) == 1  # the depthwise input, dequantized per channel
-    kept = plan.start(quant, x, 8, None)
-    for position, pair in enumerate(pairs):
-        layer = pair.quant_layer
-        direct = read_layer_activity(float_model, quant, pair, x, 8, positions_per_image=3, seed=1, scores=False)
-        w, b = layer_parameters(quant, layer)
-        read = functools.partial(plan.inputs[position].read, kept)
-        from_kept = kept_activity(layer, read, len(x), direct.float_pre, w, b, 8, positions_per_image=3, seed=1)
-        np.testing.assert_allclose(from_kept.quant_inputs, direct.quant_inputs, atol=1e-6)
-        np.testing.assert_allclose(from_kept.quant_pre, direct.quant_pre, atol=1e-4 * np.max(np.abs(direct.quant_pre)))
-        if position + 1 < len(plan.cuts):
-            kept, _ = plan.advance(quant, kept, plan.cuts[position], plan.cuts[position + 1], 8, None)
-    final, _ = plan.advance(quant, kept, plan.cuts[-1], None, 8, None)
-    np.testing.assert_allclose(final["logits"], run_model(quant, x)[0], rtol=1e-5, atol=1e-5)
+    check_kept_rows(float_model, quant, pairs, x, 1e-4)
 
 
 def test_whole_network_repair_is_the_same_read_either_way(nncf_like, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
