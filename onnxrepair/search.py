@@ -60,25 +60,26 @@ class Score:
 
     def beats(self, other: Score) -> bool:
         """Better on one figure and worse on none: agreement, and accuracy when both are labelled."""
-        pairs = [(self.agreement, other.agreement)]
-        if self.accuracy is not None and other.accuracy is not None:
-            pairs.append((self.accuracy, other.accuracy))
+        pairs = self._figures(other)
         return all(mine >= theirs for mine, theirs in pairs) and any(mine > theirs for mine, theirs in pairs)
 
     def improves_on(self, other: Score) -> bool:
-        """What a guarded model must show before it is written: worse on no figure, and better on one of
-        them or, where top-1 ties on a few hundred held-out images, closer to FLOAT's class distributions
-        (lower divergence)."""
+        """What a guarded model must show before it is written: it beats `other`, or, where top-1 ties on a
+        few hundred held-out images, it is closer to FLOAT's class distributions (lower divergence)."""
+        if self.beats(other):
+            return True
+        if not all(mine == theirs for mine, theirs in self._figures(other)):
+            return False
+        if self.output_error is None or other.output_error is None:
+            return False
+        return self.output_error < other.output_error
+
+    def _figures(self, other: Score) -> list[tuple[float, float]]:
+        """(mine, theirs) for agreement, and for accuracy when both are labelled."""
         pairs = [(self.agreement, other.agreement)]
         if self.accuracy is not None and other.accuracy is not None:
             pairs.append((self.accuracy, other.accuracy))
-        if not all(mine >= theirs for mine, theirs in pairs):
-            return False
-        if any(mine > theirs for mine, theirs in pairs):
-            return True
-        return (
-            self.output_error is not None and other.output_error is not None and self.output_error < other.output_error
-        )
+        return pairs
 
     def helps_over(self, other: Score) -> bool:
         """The guard's test of one layer: the class distributions are closer to FLOAT's (lower divergence).
@@ -142,11 +143,8 @@ def divergence(float_scores: NDArray, scores: NDArray) -> float:
     """
     probabilities = _are_probabilities(float_scores)
     reference, candidate = _distribution(float_scores, probabilities), _distribution(scores, probabilities)
-    eps = PROBABILITY_FLOOR if probabilities else 1e-12
+    eps = 1e-12
     return float(np.mean(np.sum(reference * (np.log(reference + eps) - np.log(candidate + eps)), axis=1)))
-
-
-PROBABILITY_FLOOR = 1e-12
 
 
 def _are_probabilities(scores: NDArray) -> bool:
@@ -403,12 +401,10 @@ def confirm_methods(
                         executor=executor,
                     )
                 elif index > 0:
-                    read, read_all = (
-                        read_layer_activity(
-                            float_model, model, pair, fit_x, config.batch_size, providers=providers, executor=executor
-                        ),
-                        False,
+                    read = read_layer_activity(
+                        float_model, model, pair, fit_x, config.batch_size, providers=providers, executor=executor
                     )
+                    read_all = False
                 activity = read.of_images(fit) if read_all else read
                 try:
                     model, outcome = repair_layer(

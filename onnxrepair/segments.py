@@ -197,19 +197,16 @@ class Segments:
         inside = set(indices)
         added: list[int] = []
 
-        def add(index: int) -> None:
-            if index in inside:
-                return
-            inside.add(index)
+        def add_producers(index: int) -> None:
             for name in model.graph.node[index].input:
-                if name in self.constants:
-                    add(self.constants[name])
-            added.append(index)
+                producer = self.constants.get(name)
+                if producer is not None and producer not in inside:
+                    inside.add(producer)
+                    add_producers(producer)
+                    added.append(producer)
 
         for index in indices:
-            for name in model.graph.node[index].input:
-                if name in self.constants:
-                    add(self.constants[name])
+            add_producers(index)
         return [*added, *indices]
 
     def advance(
