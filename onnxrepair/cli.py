@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import shlex
 import sys
 from collections.abc import Callable, Sequence
@@ -416,11 +417,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Rich lays output out for 80 columns when stdout is not a terminal (a CI log, a pipe, a file), and the
+# layer tables then fold every cell into pieces; a log takes long lines. COLUMNS still wins.
+LOG_WIDTH = 160
+
+
+def _console_width() -> int | None:
+    """None (rich decides) on a terminal or with COLUMNS set; LOG_WIDTH otherwise."""
+    return None if sys.stdout.isatty() or os.environ.get("COLUMNS") else LOG_WIDTH
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code."""
     args = build_parser().parse_args(argv)
     _configure_logging(args.verbose, args.quiet)
-    console = Console(quiet=args.quiet)
+    console = Console(quiet=args.quiet, width=_console_width())
     errors = Console(stderr=True)
     try:
         commands = {"eval": run_eval, "quantize": run_quantize, "fix": fix_command, "inspect": run_inspect}

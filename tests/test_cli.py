@@ -144,6 +144,19 @@ def test_list_layers(digits: DigitsExample, capsys: pytest.CaptureFixture[str]) 
     assert "64 -> 24" in out and "24 -> 10" in out
 
 
+def test_layer_rows_stay_on_one_line_in_a_log(
+    digits: DigitsExample, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Captured output is not a terminal (a CI log, a pipe): rich's 80 columns folded every cell into pieces."""
+    monkeypatch.delenv("COLUMNS", raising=False)
+    assert main(["fix", "--list-layers", str(digits.float_path), str(digits.quant_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    for layer in ("/fc1/Gemm", "/fc2/Gemm"):
+        row = [line for line in lines if line.lstrip("│ ").startswith(layer)]
+        assert len(row) == 1, lines
+        assert "per-tensor" in row[0] and "(by name)" in row[0] and "yes" in row[0]
+
+
 def test_list_layers_shows_long_names_in_full(
     digits: DigitsExample, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
