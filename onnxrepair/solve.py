@@ -126,18 +126,46 @@ class LogitProblem:
 
 @dataclass(frozen=True)
 class LinearProgram:
-    """minimise c.z subject to A z <= rhs and lower <= z <= upper (dense arrays).
+    """minimise c.z subject to A z <= rhs and lower <= z <= upper.
+
+    A = [a | S]: `a` dense over the first a.shape[1] variables; S over the slack variables after them,
+    held as one entry per row: row i has -1 on slack `slack[i]` (none where it is negative; no S at
+    all without `slack`). A soft program has a slack per row, and its -I block held dense took k^2
+    floats: 8.6 GB for the 32,872 rows of one channel of the bundled CNN's first convolution.
 
     Attributes:
         integer: [v] True for variables that must take whole values (empty: none).
     """
 
     c: NDArray[np.float64]  # [v]
-    a: NDArray[np.float64]  # [rows, v]
+    a: NDArray[np.float64]  # [rows, v without the slacks]
     rhs: NDArray[np.float64]  # [rows]
     lower: NDArray[np.float64]  # [v], -inf for free
     upper: NDArray[np.float64]  # [v], +inf for free
     integer: NDArray[np.bool_] = field(default_factory=lambda: np.zeros(0, dtype=bool))
+    slack: NDArray[np.int64] | None = None  # [rows]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(rows, variables) of the whole A."""
+        return len(self.rhs), len(self.c)
+
+    def matrix(self) -> NDArray[np.float64]:
+        """The whole A, dense (small programs and tests only)."""
+        full = np.zeros(self.shape)
+        full[:, : self.a.shape[1]] = self.a
+        if self.slack is not None:
+            rows = np.flatnonzero(self.slack >= 0)
+            full[rows, self.a.shape[1] + self.slack[rows]] = -1.0
+        return full
+
+    def rows_times(self, z: NDArray[np.float64]) -> NDArray[np.float64]:
+        """A z, without making A dense."""
+        product = self.a @ z[: self.a.shape[1]]
+        if self.slack is not None:
+            rows = np.flatnonzero(self.slack >= 0)
+            product[rows] -= z[self.a.shape[1] + self.slack[rows]]
+        return product
 
 
 @dataclass(frozen=True)
@@ -238,7 +266,7 @@ def fit_program(
     rows = columns[working]
     k = len(rows)
     # t_k >= +r_k:  cols.u - t_k <= -r0_k ;  t_k >= -r_k:  -cols.u - t_k <= r0_k
-    a = np.block([[rows, -rows, -np.eye(k)], [-rows, rows, -np.eye(k)]])
+    a = np.block([[rows, -rows], [-rows, rows]])
     rhs = np.concatenate([-residual[working], residual[working]])
     c = np.concatenate([summed + norm_weight * scale, -summed + norm_weight * scale, np.full(k, 1.0 / max(n, 1))])
     high = np.full(p, np.inf)
@@ -248,6 +276,14 @@ def fit_program(
         high[:m], low_split[:m], whole[:m] = np.maximum(grid.weight_high, 0), np.maximum(-grid.weight_low, 0), True
         if has_bias and grid.bias_step:
             high[m], low_split[m], whole[m] = max(grid.bias_high, 0.0), max(-grid.bias_low, 0.0), True
+    if norm_weight > 0:
+        # The rows outside the working set enter linearly, so without bounds the relaxation could run off to
+        # minus infinity (it did, on every continuous fit of more than _MIN_FIT_ROWS rows: HiGHS said
+        # Unbounded). No optimum of the full program goes further than this: its norm term alone,
+        # norm_weight * scale_i * |u_i|, is at most its objective at no change, mean |r0|.
+        reach = np.abs(residual).mean() / (norm_weight * scale)
+        reach = np.where(whole, np.floor(reach), reach)
+        high, low_split = np.minimum(high, reach), np.minimum(low_split, reach)
     program = LinearProgram(
         c=c,
         a=a,
@@ -255,6 +291,7 @@ def fit_program(
         lower=np.zeros(2 * p + k),
         upper=np.concatenate([high, low_split, np.full(k, np.inf)]),
         integer=np.concatenate([whole, whole, np.zeros(k, dtype=bool)]),
+        slack=np.concatenate([np.arange(k), np.arange(k)]),
     )
     return program, ParameterBlock(slice(0, m), w_scale, m if has_bias else None, b_scale, p)
 
@@ -271,14 +308,18 @@ def solve_fit(problem: FitProblem, config: SolveConfig) -> NeuronSolution:
     residual = problem.inputs @ problem.weights + problem.bias - problem.target
     working = np.zeros(n, dtype=bool)
     working[np.argsort(np.abs(residual))[: max(_MIN_FIT_ROWS, 2 * problem.inputs.shape[1])]] = True
-    working |= (residual == 0) | (not config.structured)  # --full-lp: every row in the program
+    # --full-lp, or no norm term to bound the relaxation (see fit_program): every row in the program
+    working |= (residual == 0) | (not config.structured) | (config.norm_weight <= 0)
     integer = config.encoding is Encoding.RECONSTRUCT_INTEGER
     options = config.highs_options if integer else (("presolve", "off"), *config.highs_options)
     rounds = 0
     while True:
         rounds += 1
+        elapsed = time.perf_counter() - start
+        if rounds > 1 and elapsed >= config.time_limit:
+            return _out_of_time(problem.neuron, config, elapsed, working, rounds)
         program, block = fit_program(problem, working, integer, config.resolved_repair_bias, config.norm_weight)
-        time_left = max(config.time_limit - (time.perf_counter() - start), 0.01)
+        time_left = max(config.time_limit - elapsed, 0.01)
         result = solve_program(program, config.backend, time_left, options)
         status, z, objective = result.status, result.z, result.objective
         if z is None:
@@ -298,6 +339,18 @@ def solve_fit(problem: FitProblem, config: SolveConfig) -> NeuronSolution:
 
 
 _MIN_FIT_ROWS = 64
+
+
+def _out_of_time(
+    neuron: int, config: SolveConfig, elapsed: float, working: NDArray[np.bool_], rounds: int
+) -> NeuronSolution:
+    """Row generation past its limit: each further round would get a token 0.01 s and the loop would go on
+    until no row breaks (a search step given 1.7 s on the bundled CNN's conv1 took 25 s), so it stops, and the
+    relaxation's last solution, which breaks rows it has not seen, is not used."""
+    reason = f"{_REASONS[SolveStatus.TIME_LIMIT](config)} (row generation stopped after {rounds - 1} rounds)"
+    return NeuronSolution(
+        neuron, SolveStatus.TIME_LIMIT, None, None, elapsed, int(working.sum()), reason, rounds=rounds
+    )
 
 
 def paper_program(problem: NeuronProblem, margin: float) -> LinearProgram:
@@ -370,11 +423,13 @@ def neuron_program(
         param_integer = np.concatenate([u_integer, np.zeros(n_aux, dtype=bool)])
     slack0 = param_rows.shape[1]
     v = slack0 + n_slack
-    sign_rows = np.hstack([param_rows, -np.eye(n)]) if n_slack else param_rows
-    rows, rhs = [sign_rows], [sign_rhs]
+    rows, rhs = [param_rows], [sign_rhs]
+    n_norm_rows = 0 if split else 2 * n_params
     if not split:
-        rows.append(_norm_rows(param_scale, objective, n_params, v))
-        rhs.append(np.zeros(2 * n_params))
+        rows.append(_norm_rows(param_scale, objective, n_params, v)[:, :slack0])
+        rhs.append(np.zeros(n_norm_rows))
+    # sign row k has -1 on slack_k; the norm rows have none
+    slack = np.concatenate([np.arange(n), np.full(n_norm_rows, -1)]) if n_slack else None
     c = np.zeros(v)
     c[:slack0] = param_cost
     c[slack0:] = slack_weight if slack_weight is not None else 1.0 / n if n else 0.0
@@ -385,6 +440,7 @@ def neuron_program(
         lower=np.concatenate([param_low, np.zeros(n_slack)]),
         upper=np.concatenate([param_high, np.full(n_slack, np.inf)]),
         integer=np.concatenate([param_integer, np.zeros(n_slack, dtype=bool)]),
+        slack=slack,
     )
     block = ParameterBlock(slice(0, m), w_scale, m if has_bias else None, b_scale, n_params if split else 0)
     return program, block
@@ -423,7 +479,10 @@ def solve_neuron(problem: NeuronProblem, config: SolveConfig) -> NeuronSolution:
     rounds = 0
     while True:
         rounds += 1
-        time_left = max(config.time_limit - (time.perf_counter() - start), 0.01)
+        elapsed = time.perf_counter() - start
+        if rounds > 1 and elapsed >= config.time_limit:
+            return _out_of_time(problem.neuron, config, elapsed, working, rounds)
+        time_left = max(config.time_limit - elapsed, 0.01)
         if session is not None:
             result, change = session.solve(working, time_left)
             delta, beta = change if change is not None else (None, 0.0)
@@ -541,7 +600,7 @@ class _PaperRatio:
         if self.highs is None:
             self.highs = _highs_model(program, time_limit, self.options)
         else:
-            start, index, value = _rowwise(program.a)
+            start, index, value = _rowwise(program)
             k = len(program.rhs)
             self.highs.addRows(k, np.full(k, -highspy.kHighsInf), program.rhs, len(index), start, index, value)
             self.highs.setOptionValue("time_limit", float(time_limit))
@@ -765,14 +824,14 @@ def _highs_model(
     for name, value in options:
         highs.setOptionValue(name, value)
     lp = highspy.HighsLp()
-    rows, columns = program.a.shape
+    rows, columns = program.shape
     lp.num_col_, lp.num_row_ = columns, rows
     lp.col_cost_ = program.c
     lp.col_lower_ = np.where(np.isinf(program.lower), -highspy.kHighsInf, program.lower)
     lp.col_upper_ = np.where(np.isinf(program.upper), highspy.kHighsInf, program.upper)
     lp.row_lower_ = np.full(rows, -highspy.kHighsInf)
     lp.row_upper_ = program.rhs
-    start, index, value = _rowwise(program.a)
+    start, index, value = _rowwise(program)
     lp.a_matrix_.format_ = highspy.MatrixFormat.kRowwise
     lp.a_matrix_.num_col_, lp.a_matrix_.num_row_ = columns, rows
     lp.a_matrix_.start_ = np.append(start, len(index)).astype(np.int32)
@@ -785,11 +844,21 @@ def _highs_model(
     return highs
 
 
-def _rowwise(a: NDArray[np.float64]) -> tuple[NDArray[np.int32], NDArray[np.int32], NDArray[np.float64]]:
-    """A dense matrix's nonzeros row by row: (each row's first entry, column indices, values)."""
+def _rowwise(program: LinearProgram) -> tuple[NDArray[np.int32], NDArray[np.int32], NDArray[np.float64]]:
+    """A's nonzeros row by row: (each row's first entry, column indices, values), the slack entries last in
+    their rows (their columns come after the dense ones, so every row stays in column order)."""
+    a = program.a
     row_index, column_index = np.nonzero(a)
-    start = np.concatenate([[0], np.cumsum(np.bincount(row_index, minlength=a.shape[0]))[:-1]])
-    return start.astype(np.int32), column_index.astype(np.int32), a[row_index, column_index]
+    values = a[row_index, column_index]
+    if program.slack is not None:
+        slack_rows = np.flatnonzero(program.slack >= 0)
+        row_index = np.concatenate([row_index, slack_rows])
+        column_index = np.concatenate([column_index, a.shape[1] + program.slack[slack_rows]])
+        values = np.concatenate([values, np.full(len(slack_rows), -1.0)])
+        order = np.argsort(row_index, kind="stable")  # a row's dense entries, then its slack
+        row_index, column_index, values = row_index[order], column_index[order], values[order]
+    start = np.concatenate([[0], np.cumsum(np.bincount(row_index, minlength=len(program.rhs)))[:-1]])
+    return start.astype(np.int32), column_index.astype(np.int32), values
 
 
 def _run_highs(highs: highspy.Highs, integer: NDArray[np.bool_]) -> ProgramResult:
@@ -856,9 +925,10 @@ def _solve_with_mip(program: LinearProgram, backend: SolverBackend, time_limit: 
         variables=[variables[i] for i in np.flatnonzero(program.c)],
         coeffs=[float(v) for v in program.c[program.c != 0]],
     )
-    for row, rhs in zip(program.a, program.rhs, strict=True):
-        nonzero = np.flatnonzero(row)
-        lhs = mip.LinExpr(variables=[variables[i] for i in nonzero], coeffs=row[nonzero].tolist())
+    start, index, value = _rowwise(program)
+    ends = np.append(start[1:], len(index))
+    for first, end, rhs in zip(start, ends, program.rhs, strict=True):
+        lhs = mip.LinExpr(variables=[variables[i] for i in index[first:end]], coeffs=value[first:end].tolist())
         model.add_constr(lhs <= float(rhs))
     with _native_stdout_silenced():  # CBC's LP code prints even with verbose=0
         result = model.optimize(max_seconds=time_limit)
@@ -873,7 +943,7 @@ def _solve_with_mip(program: LinearProgram, backend: SolverBackend, time_limit: 
 
 def max_violation(program: LinearProgram, z: NDArray[np.float64]) -> float:
     """The largest amount by which z breaks a row or a bound (0 when it satisfies all)."""
-    rows = np.max(program.a @ z - program.rhs, initial=0.0)
+    rows = np.max(program.rows_times(z) - program.rhs, initial=0.0)
     bounds = max(np.max(program.lower - z, initial=0.0), np.max(z - program.upper, initial=0.0))
     return float(max(rows, bounds, 0.0))
 

@@ -188,6 +188,26 @@ def test_row_generation_finds_the_full_programs_optimum(seed: int) -> None:
     assert generated.constraints <= full.constraints
 
 
+@pytest.mark.parametrize("encoding", [Encoding.RECONSTRUCT_LP, Encoding.RECONSTRUCT_INTEGER])
+@pytest.mark.parametrize("seed", range(3))
+def test_row_generation_over_many_rows_reaches_the_full_optimum(encoding: Encoding, seed: int) -> None:
+    """With more rows than the first working set holds, the rows left out enter the relaxation linearly:
+    before its variables were bounded, every continuous fit came back Unbounded (a solver error)."""
+    case = fit_case(seed, n=400, m=6)
+    config = SolveConfig(encoding=encoding, norm_weight=0.01, time_limit=30)
+    generated = solve_fit(case, config)
+    full = solve_fit(case, dataclasses.replace(config, structured=False))
+    assert generated.status is full.status is SolveStatus.OPTIMAL
+    assert generated.constraints < full.constraints  # rows really were left out
+
+    def objective(solution) -> float:  # type: ignore[no-untyped-def]
+        residual = case.inputs @ (case.weights + solution.weight_delta) + solution.bias_delta - case.target
+        change = np.abs(solution.weight_delta).sum() + abs(solution.bias_delta)
+        return float(np.abs(residual).mean() + 0.01 * change)
+
+    assert objective(generated) == pytest.approx(objective(full), rel=1e-6, abs=1e-9)
+
+
 def test_the_integer_fit_moves_whole_steps_and_lowers_the_error() -> None:
     case = fit_case(5, n=40, m=3)
     solution = solve_fit(case, SolveConfig(encoding=Encoding.RECONSTRUCT_INTEGER, time_limit=30))
@@ -197,3 +217,24 @@ def test_the_integer_fit_moves_whole_steps_and_lowers_the_error() -> None:
     before = np.abs(case.inputs @ case.weights - case.target).mean()
     after = np.abs(case.inputs @ (case.weights + solution.weight_delta) + solution.bias_delta - case.target).mean()
     assert after < before
+
+
+def test_the_fit_stops_at_the_time_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Row generation of the L1 fit ends with TIME_LIMIT once its limit is spent, not after every round."""
+    import types
+
+    import onnxrepair.solve as solve_module
+
+    case = fit_case(3, n=400, m=6)
+    config = SolveConfig(encoding=Encoding.RECONSTRUCT_LP, time_limit=25.0)
+    assert solve_fit(case, config).rounds >= 2  # it needs more than one round
+    clock = types.SimpleNamespace(now=0.0)
+
+    def perf_counter() -> float:
+        clock.now += 20.0
+        return clock.now
+
+    monkeypatch.setattr(solve_module, "time", types.SimpleNamespace(perf_counter=perf_counter))
+    late = solve_fit(case, config)
+    assert late.status is SolveStatus.TIME_LIMIT and not late.solved
+    assert late.rounds <= 2

@@ -221,3 +221,32 @@ def test_a_ratio_solution_that_breaks_a_row_is_solved_again_in_textbook_form(mon
     assert forms[:2] == ["ratio", "textbook"]
     assert solution.status is SolveStatus.OPTIMAL
     assert solution.objective == pytest.approx(textbook.objective, rel=1e-6, abs=1e-9)
+
+
+class _SlowClock:
+    """time.perf_counter for solve.py on which every reading is 20 s after the last one."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        self.now += 20.0
+        return self.now
+
+
+@pytest.mark.parametrize(("encoding", "objective"), [(Encoding.SOFT, Objective.L1), (Encoding.PAPER, Objective.L1)])
+def test_row_generation_stops_at_the_time_limit(
+    encoding: Encoding, objective: Objective, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before: once the limit was spent every further round got 0.01 s and the loop went on until no row
+    broke (a search step given 1.7 s on the bundled CNN's conv1 took 25 s)."""
+    import onnxrepair.solve as solve_module
+
+    problem = head_like_problem(np.random.default_rng(1), 2000, 60, integer=False)
+    config = SolveConfig(encoding=encoding, objective=objective, time_limit=25.0)
+    assert solve_neuron(problem, config).rounds >= 2  # it needs more than one round
+    monkeypatch.setattr(solve_module, "time", _SlowClock())
+    late = solve_neuron(problem, config)
+    assert late.status is SolveStatus.TIME_LIMIT and not late.solved
+    assert late.rounds <= 2
+    assert "time limit of 25 s" in late.reason
