@@ -18,7 +18,7 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import TextIO, TypeVar
 
 from rich.console import Console
 from rich.logging import RichHandler
@@ -422,17 +422,17 @@ def build_parser() -> argparse.ArgumentParser:
 LOG_WIDTH = 160
 
 
-def _console_width() -> int | None:
+def _console_width(stream: TextIO) -> int | None:
     """None (rich decides) on a terminal or with COLUMNS set; LOG_WIDTH otherwise."""
-    return None if sys.stdout.isatty() or os.environ.get("COLUMNS") else LOG_WIDTH
+    return None if stream.isatty() or os.environ.get("COLUMNS") else LOG_WIDTH
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code."""
     args = build_parser().parse_args(argv)
     _configure_logging(args.verbose, args.quiet)
-    console = Console(quiet=args.quiet, width=_console_width())
-    errors = Console(stderr=True)
+    console = Console(quiet=args.quiet, width=_console_width(sys.stdout))
+    errors = Console(stderr=True, width=_console_width(sys.stderr))
     try:
         commands = {"eval": run_eval, "quantize": run_quantize, "fix": fix_command, "inspect": run_inspect}
         return commands[args.command](args, console)

@@ -28,9 +28,9 @@ y_k is the target:
 
     reconstruct-lp       minimise (1/n) sum_k |x_k . (w + delta) + b + beta - y_k| + norm_weight * |change|
     reconstruct-integer  the same in whole quantization steps (a MILP)
-Programs are dense arrays (c, A, rhs, bounds, integrality): small enough at
-these sizes, and easy to check. This module is the only one that imports a
-solver. It knows nothing of ONNX.
+Programs are dense arrays (c, A, rhs, bounds, integrality), except the slack
+variables that soft programs give every row: one entry per row (LinearProgram).
+This module is the only one that imports a solver. It knows nothing of ONNX.
 """
 
 from __future__ import annotations
@@ -278,9 +278,10 @@ def fit_program(
             high[m], low_split[m], whole[m] = max(grid.bias_high, 0.0), max(-grid.bias_low, 0.0), True
     if norm_weight > 0:
         # The rows outside the working set enter linearly, so without bounds the relaxation could run off to
-        # minus infinity (it did, on every continuous fit of more than _MIN_FIT_ROWS rows: HiGHS said
-        # Unbounded). No optimum of the full program goes further than this: its norm term alone,
-        # norm_weight * scale_i * |u_i|, is at most its objective at no change, mean |r0|.
+        # minus infinity (it did, on every continuous fit whose first working set, max(_MIN_FIT_ROWS, 2 x
+        # fan-in) rows, left rows out: HiGHS said Unbounded). No optimum of the full program goes further than
+        # this: its norm term alone, norm_weight * scale_i * |u_i|, is at most its objective at no change,
+        # mean |r0|.
         reach = np.abs(residual).mean() / (norm_weight * scale)
         reach = np.where(whole, np.floor(reach), reach)
         high, low_split = np.minimum(high, reach), np.minimum(low_split, reach)
@@ -301,7 +302,7 @@ def solve_fit(problem: FitProblem, config: SolveConfig) -> NeuronSolution:
 
     The working set starts with the rows whose residual is nearest zero (where a change can flip its
     sign), and grows by every row whose sign the last solution flipped, until none flips: then the
-    relaxation's optimum is the full program's.
+    relaxation's optimum is the full program's. Once `config.time_limit` is spent it stops: TIME_LIMIT.
     """
     start = time.perf_counter()
     n = len(problem.target)
@@ -312,14 +313,15 @@ def solve_fit(problem: FitProblem, config: SolveConfig) -> NeuronSolution:
     working |= (residual == 0) | (not config.structured) | (config.norm_weight <= 0)
     integer = config.encoding is Encoding.RECONSTRUCT_INTEGER
     options = config.highs_options if integer else (("presolve", "off"), *config.highs_options)
-    rounds = 0
+    rounds = solved_rows = 0
     while True:
         rounds += 1
         elapsed = time.perf_counter() - start
         if rounds > 1 and elapsed >= config.time_limit:
-            return _out_of_time(problem.neuron, config, elapsed, working, rounds)
+            return _out_of_time(problem.neuron, config, elapsed, solved_rows, rounds - 1)
         program, block = fit_program(problem, working, integer, config.resolved_repair_bias, config.norm_weight)
         time_left = max(config.time_limit - elapsed, 0.01)
+        solved_rows = int(working.sum())
         result = solve_program(program, config.backend, time_left, options)
         status, z, objective = result.status, result.z, result.objective
         if z is None:
@@ -341,16 +343,14 @@ def solve_fit(problem: FitProblem, config: SolveConfig) -> NeuronSolution:
 _MIN_FIT_ROWS = 64
 
 
-def _out_of_time(
-    neuron: int, config: SolveConfig, elapsed: float, working: NDArray[np.bool_], rounds: int
-) -> NeuronSolution:
-    """Row generation past its limit: each further round would get a token 0.01 s and the loop would go on
-    until no row breaks (a search step given 1.7 s on the bundled CNN's conv1 took 25 s), so it stops, and the
-    relaxation's last solution, which breaks rows it has not seen, is not used."""
-    reason = f"{_REASONS[SolveStatus.TIME_LIMIT](config)} (row generation stopped after {rounds - 1} rounds)"
-    return NeuronSolution(
-        neuron, SolveStatus.TIME_LIMIT, None, None, elapsed, int(working.sum()), reason, rounds=rounds
-    )
+def _out_of_time(neuron: int, config: SolveConfig, elapsed: float, rows: int, solved: int) -> NeuronSolution:
+    """Row generation past its limit, after `solved` programs (the last over `rows` rows): each further round
+    would get a token 0.01 s and the loop would go on until no row breaks (a search step given 1.7 s on the
+    bundled CNN's conv1 took 25 s), so it stops, and the relaxation's last solution, which breaks rows it has
+    not seen, is not used."""
+    rounds = f"{solved} round{'s' if solved != 1 else ''}"
+    reason = f"{_REASONS[SolveStatus.TIME_LIMIT](config)} (row generation stopped after {rounds})"
+    return NeuronSolution(neuron, SolveStatus.TIME_LIMIT, None, None, elapsed, rows, reason, rounds=solved)
 
 
 def paper_program(problem: NeuronProblem, margin: float) -> LinearProgram:
@@ -457,6 +457,7 @@ def solve_neuron(problem: NeuronProblem, config: SolveConfig) -> NeuronSolution:
     breaks no dropped row is optimal for the full program, and a relaxation
     with no solution means the full program has none. Most inputs sit far from
     the neuron's threshold, so the working set stays a small share of the rows.
+    Once `config.time_limit` is spent it stops: TIME_LIMIT, no change.
     """
     start = time.perf_counter()
     n = len(problem.float_on)
@@ -476,13 +477,14 @@ def solve_neuron(problem: NeuronProblem, config: SolveConfig) -> NeuronSolution:
         # 2-3x the dual simplex itself; MILPs keep it (it tightens the integer bounds)
         options = (("presolve", "off"), *options)
     session = _PaperRatio(problem, config, margin, options) if ratio else None
-    rounds = 0
+    rounds = solved_rows = 0
     while True:
         rounds += 1
         elapsed = time.perf_counter() - start
         if rounds > 1 and elapsed >= config.time_limit:
-            return _out_of_time(problem.neuron, config, elapsed, working, rounds)
+            return _out_of_time(problem.neuron, config, elapsed, solved_rows, rounds - 1)
         time_left = max(config.time_limit - elapsed, 0.01)
+        solved_rows = int(working.sum())
         if session is not None:
             result, change = session.solve(working, time_left)
             delta, beta = change if change is not None else (None, 0.0)
@@ -847,18 +849,22 @@ def _highs_model(
 def _rowwise(program: LinearProgram) -> tuple[NDArray[np.int32], NDArray[np.int32], NDArray[np.float64]]:
     """A's nonzeros row by row: (each row's first entry, column indices, values), the slack entries last in
     their rows (their columns come after the dense ones, so every row stays in column order)."""
-    a = program.a
-    row_index, column_index = np.nonzero(a)
-    values = a[row_index, column_index]
+    a, rows = program.a, len(program.rhs)
+    row_index, column_index = np.nonzero(a)  # row by row, each row in column order
+    dense = np.bincount(row_index, minlength=rows)
+    has_slack = np.zeros(rows, dtype=np.int64) if program.slack is None else (program.slack >= 0).astype(np.int64)
+    length = dense + has_slack
+    start = np.cumsum(length) - length
+    index = np.empty(int(length.sum()), dtype=np.int32)
+    value = np.empty(len(index))
+    # a dense entry's place: its row's start plus its rank in the row
+    place = start[row_index] + np.arange(len(row_index)) - (np.cumsum(dense) - dense)[row_index]
+    index[place], value[place] = column_index, a[row_index, column_index]
     if program.slack is not None:
-        slack_rows = np.flatnonzero(program.slack >= 0)
-        row_index = np.concatenate([row_index, slack_rows])
-        column_index = np.concatenate([column_index, a.shape[1] + program.slack[slack_rows]])
-        values = np.concatenate([values, np.full(len(slack_rows), -1.0)])
-        order = np.argsort(row_index, kind="stable")  # a row's dense entries, then its slack
-        row_index, column_index, values = row_index[order], column_index[order], values[order]
-    start = np.concatenate([[0], np.cumsum(np.bincount(row_index, minlength=len(program.rhs)))[:-1]])
-    return start.astype(np.int32), column_index.astype(np.int32), values
+        slack_rows = np.flatnonzero(has_slack)
+        place = start[slack_rows] + dense[slack_rows]  # after the row's dense entries
+        index[place], value[place] = a.shape[1] + program.slack[slack_rows], -1.0
+    return start.astype(np.int32), index, value
 
 
 def _run_highs(highs: highspy.Highs, integer: NDArray[np.bool_]) -> ProgramResult:
@@ -926,7 +932,7 @@ def _solve_with_mip(program: LinearProgram, backend: SolverBackend, time_limit: 
         coeffs=[float(v) for v in program.c[program.c != 0]],
     )
     start, index, value = _rowwise(program)
-    ends = np.append(start[1:], len(index))
+    ends = np.append(start, len(index))[1:]
     for first, end, rhs in zip(start, ends, program.rhs, strict=True):
         lhs = mip.LinExpr(variables=[variables[i] for i in index[first:end]], coeffs=value[first:end].tolist())
         model.add_constr(lhs <= float(rhs))

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from onnxrepair.config import Encoding, SolveConfig
+from onnxrepair.config import Encoding, SolveConfig, SolverBackend
 from onnxrepair.reconstruct import (
     ReconstructionProblem,
     _descend_on_grid,
@@ -237,4 +237,26 @@ def test_the_fit_stops_at_the_time_limit(monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.setattr(solve_module, "time", types.SimpleNamespace(perf_counter=perf_counter))
     late = solve_fit(case, config)
     assert late.status is SolveStatus.TIME_LIMIT and not late.solved
-    assert late.rounds <= 2
+    assert late.rounds <= 2 and "row generation stopped" in late.reason
+
+
+@pytest.mark.parametrize("norm_weight", [0.01, 1.0])
+@pytest.mark.parametrize("encoding", [Encoding.RECONSTRUCT_LP, Encoding.RECONSTRUCT_INTEGER])
+def test_the_bound_on_the_fit_cuts_off_no_optimum(encoding: Encoding, norm_weight: float) -> None:
+    """fit_program bounds each variable by mean |r0| / (norm_weight x scale): the full program (every row)
+    has the same optimum with and without that bound."""
+    import onnxrepair.solve as solve_module
+
+    integer = encoding is Encoding.RECONSTRUCT_INTEGER
+    for seed in range(4):
+        case = fit_case(seed, n=200, m=5)
+        every_row = np.ones(len(case.target), dtype=bool)
+        bounded, _ = solve_module.fit_program(case, every_row, integer, True, norm_weight)
+        grid_only, _ = solve_module.fit_program(case, every_row, integer, True, 0.0)  # no norm term: no bound
+        free = dataclasses.replace(bounded, upper=grid_only.upper)
+        if not integer or norm_weight >= 1.0:  # (the integer grid's +-20 steps are tighter at 0.01)
+            assert np.any(bounded.upper < free.upper)  # the bound is there
+        with_bound = solve_module.solve_program(bounded, SolverBackend.HIGHS, 30.0)
+        without = solve_module.solve_program(free, SolverBackend.HIGHS, 30.0)
+        assert with_bound.status is without.status is SolveStatus.OPTIMAL
+        assert with_bound.objective == pytest.approx(without.objective, rel=1e-7, abs=1e-9)

@@ -249,4 +249,4 @@ def test_row_generation_stops_at_the_time_limit(
     late = solve_neuron(problem, config)
     assert late.status is SolveStatus.TIME_LIMIT and not late.solved
     assert late.rounds <= 2
-    assert "time limit of 25 s" in late.reason
+    assert "time limit of 25 s" in late.reason and "row generation stopped" in late.reason

@@ -9,6 +9,7 @@ from onnxrepair import solve as solve_module
 from onnxrepair.config import Encoding, Objective, SolveConfig, SolverBackend
 from onnxrepair.solve import (
     LinearProgram,
+    NeuronGrid,
     NeuronProblem,
     SolveStatus,
     max_violation,
@@ -215,6 +216,36 @@ def test_highs_and_cbc_agree(seed: int) -> None:
     cbc = solve_neuron(problem, config(SolverBackend.CBC, 0.02))
     assert highs.status is cbc.status is SolveStatus.OPTIMAL
     assert highs.objective == pytest.approx(cbc.objective, rel=1e-6, abs=1e-8)
+
+
+@pytest.mark.parametrize("encoding", [Encoding.SOFT, Encoding.INTEGER])
+@pytest.mark.parametrize("split", [True, False])
+def test_highs_and_cbc_agree_on_programs_with_slacks(encoding: Encoding, split: bool) -> None:
+    """CBC reads a program's rows from the same sparse form as HiGHS, slacks included."""
+    rng = np.random.default_rng(3)
+    n, m = 40, 5
+    x = rng.normal(size=(n, m))
+    grid = NeuronGrid(np.full(m, 0.05), np.full(m, -20.0), np.full(m, 20.0), 0.01, -100.0, 100.0)
+    problem = NeuronProblem(0, rng.normal(size=m), 0.1, x, rng.random(n) < 0.5, grid)
+    objective = Objective.L1 if split else Objective.LINF
+    program, _ = neuron_program(problem, encoding, objective, True, 0.05, split_l1=split)
+    assert program.slack is not None
+    highs = solve_program(program, SolverBackend.HIGHS, 30.0)
+    cbc = solve_program(program, SolverBackend.CBC, 30.0)
+    assert highs.status is cbc.status is SolveStatus.OPTIMAL
+    gap = 1e-3 if encoding is Encoding.INTEGER else 1e-6  # a MILP stops within the solvers' relative gap
+    assert highs.objective == pytest.approx(cbc.objective, rel=gap, abs=1e-8)
+    assert max_violation(program, cbc.z) < 1e-6
+
+
+@pytest.mark.parametrize("backend", BACKENDS, ids=lambda b: b.value)
+def test_a_program_over_no_rows_solves(backend: SolverBackend) -> None:
+    """No repair input at all: a program with its variables and no row (the row index had one entry too many)."""
+    problem = NeuronProblem(0, np.ones(3), 0.0, np.zeros((0, 3)), np.zeros(0, dtype=bool))
+    program, _ = neuron_program(problem, Encoding.SOFT, Objective.L1, True, 0.05)
+    start, index, _ = solve_module._rowwise(program)
+    assert len(start) == 0 and len(index) == 0
+    assert solve_program(program, backend, 10.0).status is SolveStatus.OPTIMAL
 
 
 # --- solver statuses (issue 14: "the solver reported an error" where the program was infeasible) -----------
