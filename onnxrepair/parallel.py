@@ -11,9 +11,12 @@ exactly what a serial one does.
 
 from __future__ import annotations
 
+import ctypes
 import math
 import multiprocessing
 import os
+import signal
+import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -90,7 +93,12 @@ class ProcessExecutor(SerialExecutor):
         if len(items) < 2:
             return map(fn, items)
         if self._pool is None:
-            self._pool = ProcessPoolExecutor(self.jobs, mp_context=multiprocessing.get_context("spawn"))
+            self._pool = ProcessPoolExecutor(
+                self.jobs,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=_end_with_parent,
+                initargs=(os.getpid(),),
+            )
         chunk = max(1, math.ceil(len(items) / (4 * self.jobs)))
         return self._results(self._pool.map(fn, items, chunksize=chunk))
 
@@ -116,6 +124,28 @@ class ProcessExecutor(SerialExecutor):
         self, kind: type[BaseException] | None, value: BaseException | None, traceback: TracebackType | None
     ) -> None:
         self.close()
+
+
+def _end_with_parent(parent: int) -> None:
+    """Worker initializer: a worker ends when the process that started it does.
+
+    A run killed outright (SIGKILL: a timeout, the OOM killer) cannot shut its pool down, and its
+    workers went on with their chunks of solves (two of them, for over half an hour, after a bench
+    killed a `fix --encoding reconstruct-lp` run). Linux sends a worker SIGKILL when its parent dies
+    (prctl PR_SET_PDEATHSIG); elsewhere nothing is set.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):  # no C library to call: as before
+        return
+    if os.getppid() != parent:  # the parent died before the signal was asked for
+        os._exit(1)
+
+
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def make_executor(kind: str = "local", jobs: int = 1, address: str | None = None) -> Executor:

@@ -172,3 +172,49 @@ def test_cli_provider_cuda_without_gpu_exits_2(digits: DigitsExample, tmp_path: 
     assert run.code == 2
     assert "onnxruntime-gpu" in run.err and "Traceback" not in run.err
     assert not output.exists()
+
+
+WORKERS_OF_A_KILLED_RUN = """
+import sys, time
+from onnxrepair.parallel import ProcessExecutor
+executor = ProcessExecutor(2)
+results = executor.map(time.sleep, [60.0, 60.0, 60.0, 60.0])
+time.sleep(3.0)  # the workers have started and are asleep in their first item
+print(" ".join(str(pid) for pid in executor._pool._processes), flush=True)
+time.sleep(60.0)
+"""
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (an orphan's zombie waits for a reaper that a container may not have)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="reads process states from /proc (Linux)")
+def test_workers_end_when_their_run_is_killed() -> None:
+    """A run killed outright (SIGKILL: a timeout, the OOM killer) cannot shut its pool down; its two workers
+    went on solving for over half an hour after the bench killed a `fix --encoding reconstruct-lp` run."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    run = subprocess.Popen([sys.executable, "-c", WORKERS_OF_A_KILLED_RUN], stdout=subprocess.PIPE, text=True)
+    try:
+        assert run.stdout is not None
+        workers = [int(pid) for pid in run.stdout.readline().split()]
+        assert len(workers) == 2 and all(_running(pid) for pid in workers)
+    finally:
+        run.send_signal(signal.SIGKILL)
+        run.wait()
+    deadline = time.monotonic() + 10.0
+    while any(_running(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    left = [pid for pid in workers if _running(pid)]
+    for pid in left:  # never leave them behind, whatever the outcome
+        os.kill(pid, signal.SIGKILL)
+    assert not left
