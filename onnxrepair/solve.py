@@ -150,21 +150,25 @@ class LinearProgram:
         """(rows, variables) of the whole A."""
         return len(self.rhs), len(self.c)
 
+    def slack_entries(self) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
+        """(row, column) of every -1 of S, in row order; empty without slacks."""
+        if self.slack is None:
+            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+        rows = np.flatnonzero(self.slack >= 0)
+        return rows, self.a.shape[1] + self.slack[rows]
+
     def matrix(self) -> NDArray[np.float64]:
         """The whole A, dense (small programs and tests only)."""
         full = np.zeros(self.shape)
         full[:, : self.a.shape[1]] = self.a
-        if self.slack is not None:
-            rows = np.flatnonzero(self.slack >= 0)
-            full[rows, self.a.shape[1] + self.slack[rows]] = -1.0
+        full[self.slack_entries()] = -1.0
         return full
 
     def rows_times(self, z: NDArray[np.float64]) -> NDArray[np.float64]:
         """A z, without making A dense."""
         product = self.a @ z[: self.a.shape[1]]
-        if self.slack is not None:
-            rows = np.flatnonzero(self.slack >= 0)
-            product[rows] -= z[self.a.shape[1] + self.slack[rows]]
+        rows, columns = self.slack_entries()
+        product[rows] -= z[columns]
         return product
 
 
@@ -851,19 +855,17 @@ def _rowwise(program: LinearProgram) -> tuple[NDArray[np.int32], NDArray[np.int3
     their rows (their columns come after the dense ones, so every row stays in column order)."""
     a, rows = program.a, len(program.rhs)
     row_index, column_index = np.nonzero(a)  # row by row, each row in column order
+    slack_rows, slack_columns = program.slack_entries()
     dense = np.bincount(row_index, minlength=rows)
-    has_slack = np.zeros(rows, dtype=np.int64) if program.slack is None else (program.slack >= 0).astype(np.int64)
-    length = dense + has_slack
+    length = dense + np.bincount(slack_rows, minlength=rows)
     start = np.cumsum(length) - length
     index = np.empty(int(length.sum()), dtype=np.int32)
     value = np.empty(len(index))
     # a dense entry's place: its row's start plus its rank in the row
     place = start[row_index] + np.arange(len(row_index)) - (np.cumsum(dense) - dense)[row_index]
     index[place], value[place] = column_index, a[row_index, column_index]
-    if program.slack is not None:
-        slack_rows = np.flatnonzero(has_slack)
-        place = start[slack_rows] + dense[slack_rows]  # after the row's dense entries
-        index[place], value[place] = a.shape[1] + program.slack[slack_rows], -1.0
+    place = start[slack_rows] + dense[slack_rows]  # after the row's dense entries
+    index[place], value[place] = slack_columns, -1.0
     return start.astype(np.int32), index, value
 
 
