@@ -6,6 +6,7 @@ import dataclasses
 
 import numpy as np
 import pytest
+from conftest import SlowClock
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -221,20 +222,12 @@ def test_the_integer_fit_moves_whole_steps_and_lowers_the_error() -> None:
 
 def test_the_fit_stops_at_the_time_limit(monkeypatch: pytest.MonkeyPatch) -> None:
     """Row generation of the L1 fit ends with TIME_LIMIT once its limit is spent, not after every round."""
-    import types
-
     import onnxrepair.solve as solve_module
 
     case = fit_case(3, n=400, m=6)
     config = SolveConfig(encoding=Encoding.RECONSTRUCT_LP, time_limit=25.0)
     assert solve_fit(case, config).rounds >= 2  # it needs more than one round
-    clock = types.SimpleNamespace(now=0.0)
-
-    def perf_counter() -> float:
-        clock.now += 20.0
-        return clock.now
-
-    monkeypatch.setattr(solve_module, "time", types.SimpleNamespace(perf_counter=perf_counter))
+    monkeypatch.setattr(solve_module, "time", SlowClock())
     late = solve_fit(case, config)
     assert late.status is SolveStatus.TIME_LIMIT and not late.solved
     assert late.rounds <= 2 and "row generation stopped" in late.reason

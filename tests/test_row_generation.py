@@ -6,6 +6,7 @@ import dataclasses
 
 import numpy as np
 import pytest
+from conftest import SlowClock
 
 from onnxrepair.config import Encoding, Objective, SolveConfig, SolverBackend
 from onnxrepair.solve import NeuronGrid, NeuronProblem, SolveStatus, max_violation, neuron_program, solve_neuron
@@ -223,17 +224,6 @@ def test_a_ratio_solution_that_breaks_a_row_is_solved_again_in_textbook_form(mon
     assert solution.objective == pytest.approx(textbook.objective, rel=1e-6, abs=1e-9)
 
 
-class _SlowClock:
-    """time.perf_counter for solve.py on which every reading is 20 s after the last one."""
-
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def perf_counter(self) -> float:
-        self.now += 20.0
-        return self.now
-
-
 @pytest.mark.parametrize(("encoding", "objective"), [(Encoding.SOFT, Objective.L1), (Encoding.PAPER, Objective.L1)])
 def test_row_generation_stops_at_the_time_limit(
     encoding: Encoding, objective: Objective, monkeypatch: pytest.MonkeyPatch
@@ -245,7 +235,7 @@ def test_row_generation_stops_at_the_time_limit(
     problem = head_like_problem(np.random.default_rng(1), 2000, 60, integer=False)
     config = SolveConfig(encoding=encoding, objective=objective, time_limit=25.0)
     assert solve_neuron(problem, config).rounds >= 2  # it needs more than one round
-    monkeypatch.setattr(solve_module, "time", _SlowClock())
+    monkeypatch.setattr(solve_module, "time", SlowClock())
     late = solve_neuron(problem, config)
     assert late.status is SolveStatus.TIME_LIMIT and not late.solved
     assert late.rounds <= 2
